@@ -26,7 +26,8 @@ set(build ${QPKV_WORK_DIR}/build)
 file(REMOVE_RECURSE ${prefix} ${build})  # no stale headers, no cached qpkv_DIR
 
 function(run step)
-  message("qpkv-consumer-test: ${step}: ${ARGN}")
+  list(JOIN ARGN " " command_line)
+  message("qpkv-consumer-test: ${step}: ${command_line}")
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "qpkv-consumer-test: ${step} failed (${rc})")
@@ -39,10 +40,23 @@ if(QPKV_CONFIG)
 endif()
 run(install ${CMAKE_COMMAND} --install ${QPKV_BINARY_DIR} --prefix ${prefix} ${config_args})
 
-string(REPLACE "|" ";" prefix_path "${prefix};${QPKV_PREFIX_PATH}")
+# The parent's CMAKE_PREFIX_PATH (for Eigen & co.) goes through the environment, which find_package
+# searches after the CMAKE_PREFIX_PATH variable, i.e. after our prefix.
+if(QPKV_PREFIX_PATH)
+  if(CMAKE_HOST_WIN32)
+    set(sep ";")
+  else()
+    set(sep ":")
+  endif()
+  string(REPLACE "|" "${sep}" env_path "${QPKV_PREFIX_PATH}")
+  if(DEFINED ENV{CMAKE_PREFIX_PATH})
+    string(APPEND env_path "${sep}$ENV{CMAKE_PREFIX_PATH}")
+  endif()
+  set(ENV{CMAKE_PREFIX_PATH} "${env_path}")
+endif()
 set(configure_args
     -S ${QPKV_SOURCE_DIR}/tests/consumer -B ${build} -G ${QPKV_GENERATOR}
-    "-DCMAKE_PREFIX_PATH=${prefix_path}"
+    -DCMAKE_PREFIX_PATH=${prefix}
     -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
     -DQPKV_QUICKSTART=${quickstart}
     -DQPKV_EXPECTED_PREFIX=${prefix})

@@ -17,21 +17,22 @@ qpkv_die() { qpkv_log "error: $*"; exit 1; }
 
 qpkv_missing_packages() {
   local pkg
-  for pkg in "${QPKV_PACKAGES[@]}" ${QPKV_EXTRA_PACKAGES:-}; do
+  for pkg in "${QPKV_PACKAGES[@]}" "$@" ${QPKV_EXTRA_PACKAGES:-}; do
     if [[ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" != installed ]]; then
       printf '%s\n' "$pkg"
     fi
   done
 }
 
-# Installs missing packages when root; otherwise prints the exact command and fails.
+# qpkv_require_packages [extra packages...]: installs what is missing when root; otherwise prints
+# the exact command and fails.
 qpkv_require_packages() {
   if ! command -v dpkg-query >/dev/null; then
     qpkv_log "not a Debian-like system: skipping the package check (need: ${QPKV_PACKAGES[*]})"
     return 0
   fi
   local missing
-  mapfile -t missing < <(qpkv_missing_packages)
+  mapfile -t missing < <(qpkv_missing_packages "$@")
   ((${#missing[@]} == 0)) && return 0
 
   if [[ "$(id -u)" != 0 || "${QPKV_FAKE_NONROOT:-0}" == 1 ]]; then
