@@ -1,7 +1,7 @@
 # cmake -P script run by the ctest test "install_consumer" (tests/CMakeLists.txt):
 #   1. install the configured qpkv build tree to a fresh prefix under QPKV_WORK_DIR,
 #   2. configure + build tests/consumer (find_package(qpkv REQUIRED), builds examples/quickstart.cpp)
-#      with CMAKE_PREFIX_PATH pointing at that prefix only,
+#      with CMAKE_PREFIX_PATH = that prefix (the parent build's prefix path follows via the env),
 #   3. run the consumer's quickstart binary.
 # Prints "qpkv-consumer-test: SKIPPED" (a ctest skip) while examples/quickstart.cpp does not exist.
 #
