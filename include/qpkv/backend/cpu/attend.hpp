@@ -1,0 +1,229 @@
+// qpkv/backend/cpu/attend.hpp - decode attention computed directly on the packed cache (CPU).
+//
+// For each KV head, one pass over its blocks serves every query head of its GQA group: a block's
+// codes are unpacked once, then used by all g queries. Softmax is online (running max and sum,
+// float32), block by block, then the fp16 residual. For Affine quantizers the scales are folded in
+// algebraically instead of dequantizing (DESIGN.md):
+//   keys per channel:   q.k_t = sum_c (q_c s_c) code_tc + sum_c q_c m_c       (per token group)
+//   keys per token:     q.k_t = sum_groups [ s_tg sum_{c in g} q_c code_tc + m_tg sum_{c in g} q_c ]
+//   values per token:   sum_t p_t v_t = sum_t (p_t s_tg) code_t + (p_t m_tg)
+//   values per channel: sum_t p_t v_tc = s_c sum_t p_t code_tc + m_c sum_t p_t  (per token group)
+// Parts with outliers, and quantizers qpkv does not know, are decoded one block at a time into a
+// small scratch buffer instead. Heads are independent, so OpenMP over heads gives results that do
+// not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "qpkv/cache/layout.hpp"
+#include "qpkv/quant/affine_quantizer.hpp"
+#include "qpkv/quant/fp16.hpp"
+
+namespace qpkv::cpu {
+
+template <class Q>
+struct is_affine : std::false_type {};
+template <int B, class S>
+struct is_affine<Affine<B, S>> : std::true_type {};
+
+namespace detail {
+
+struct Scratch {
+  std::vector<std::uint8_t> codes;  // B x D unpacked codes
+  std::vector<float> dec;           // B x D decoded values
+  std::vector<float> qs;            // D pre-scaled query
+  std::vector<float> tmp;           // g x D per-group partial sums
+};
+
+/// logits[i * B + t] = q_i . k_t for the B tokens of a key part (unscaled).
+template <class KQ>
+void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, const float* q, index_t g,
+                float* logits, Scratch& s) {
+  if constexpr (is_affine<KQ>::value) {
+    const AffineLayout l = kq.layout(B, D);
+    if (l.slots == 0) {
+      using ST = typename KQ::scale_type;
+      const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
+      const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
+      for (index_t t = 0; t < B; ++t)
+        quant::unpack<KQ::bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D),
+                                s.codes.data() + t * D);
+      if (kq.axis == Axis::channel) {
+        const index_t G = kq.group;
+        for (index_t gt = 0; gt < B / G; ++gt)
+          for (index_t i = 0; i < g; ++i) {
+            const float* qi = q + i * D;
+            float bias = 0.0f;
+            for (index_t c = 0; c < D; ++c) {
+              s.qs[c] = qi[c] * to_float(sc[gt * D + c]);
+              bias += qi[c] * to_float(mn[gt * D + c]);
+            }
+            for (index_t t = gt * G; t < (gt + 1) * G; ++t) {
+              const std::uint8_t* code = s.codes.data() + t * D;
+              float acc = 0.0f;
+              for (index_t c = 0; c < D; ++c) acc += s.qs[c] * static_cast<float>(code[c]);
+              logits[i * B + t] = acc + bias;
+            }
+          }
+      } else {
+        const index_t G = kq.group, per_row = (D + G - 1) / G;
+        for (index_t t = 0; t < B; ++t) {
+          const std::uint8_t* code = s.codes.data() + t * D;
+          for (index_t i = 0; i < g; ++i) {
+            const float* qi = q + i * D;
+            float acc = 0.0f;
+            for (index_t gc = 0; gc < per_row; ++gc) {
+              float dot = 0.0f, qsum = 0.0f;
+              for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) {
+                dot += qi[c] * static_cast<float>(code[c]);
+                qsum += qi[c];
+              }
+              acc += to_float(sc[t * per_row + gc]) * dot + to_float(mn[t * per_row + gc]) * qsum;
+            }
+            logits[i * B + t] = acc;
+          }
+        }
+      }
+      return;
+    }
+  }
+  kq.decode(part, B, D, s.dec.data());
+  for (index_t i = 0; i < g; ++i)
+    for (index_t t = 0; t < B; ++t) {
+      float acc = 0.0f;
+      for (index_t c = 0; c < D; ++c) acc += q[i * D + c] * s.dec[t * D + c];
+      logits[i * B + t] = acc;
+    }
+}
+
+/// acc[i * D + c] += sum_t p[i * B + t] * v_tc over the B tokens of a value part.
+template <class VQ>
+void accumulate_values(const VQ& vq, const std::uint8_t* part, index_t B, index_t D, const float* p, index_t g,
+                       float* acc, Scratch& s) {
+  if constexpr (is_affine<VQ>::value) {
+    const AffineLayout l = vq.layout(B, D);
+    if (l.slots == 0) {
+      using ST = typename VQ::scale_type;
+      const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
+      const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
+      for (index_t t = 0; t < B; ++t)
+        quant::unpack<VQ::bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D),
+                                s.codes.data() + t * D);
+      const index_t G = vq.group;
+      if (vq.axis == Axis::token) {
+        const index_t per_row = (D + G - 1) / G;
+        for (index_t t = 0; t < B; ++t) {
+          const std::uint8_t* code = s.codes.data() + t * D;
+          for (index_t gc = 0; gc < per_row; ++gc) {
+            const float st = to_float(sc[t * per_row + gc]), mt = to_float(mn[t * per_row + gc]);
+            for (index_t i = 0; i < g; ++i) {
+              const float ws = p[i * B + t] * st, wm = p[i * B + t] * mt;
+              float* a = acc + i * D;
+              for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) a[c] += ws * static_cast<float>(code[c]) + wm;
+            }
+          }
+        }
+      } else {
+        for (index_t gt = 0; gt < B / G; ++gt)
+          for (index_t i = 0; i < g; ++i) {
+            std::fill(s.tmp.begin(), s.tmp.begin() + D, 0.0f);
+            float psum = 0.0f;
+            for (index_t t = gt * G; t < (gt + 1) * G; ++t) {
+              const float w = p[i * B + t];
+              psum += w;
+              const std::uint8_t* code = s.codes.data() + t * D;
+              for (index_t c = 0; c < D; ++c) s.tmp[c] += w * static_cast<float>(code[c]);
+            }
+            float* a = acc + i * D;
+            for (index_t c = 0; c < D; ++c)
+              a[c] += to_float(sc[gt * D + c]) * s.tmp[c] + to_float(mn[gt * D + c]) * psum;
+          }
+      }
+      return;
+    }
+  }
+  vq.decode(part, B, D, s.dec.data());
+  for (index_t i = 0; i < g; ++i)
+    for (index_t t = 0; t < B; ++t) {
+      const float w = p[i * B + t];
+      for (index_t c = 0; c < D; ++c) acc[i * D + c] += w * s.dec[t * D + c];
+    }
+}
+
+/// Online-softmax update for one chunk of n logits per query (already scaled): rescales acc and
+/// l, turns the logits into weights in place.
+inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, float* m, float* l,
+                         float* acc) {
+  for (index_t i = 0; i < g; ++i) {
+    float* x = logits + i * stride;
+    float bm = -std::numeric_limits<float>::infinity();
+    for (index_t t = 0; t < n; ++t) bm = std::max(bm, x[t]);
+    const float mnew = std::max(m[i], bm);
+    const float alpha = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[i] - mnew);
+    float sum = 0.0f;
+    for (index_t t = 0; t < n; ++t) {
+      x[t] = std::exp(x[t] - mnew);
+      sum += x[t];
+    }
+    l[i] = l[i] * alpha + sum;
+    for (index_t c = 0; c < D; ++c) acc[i * D + c] *= alpha;
+    m[i] = mnew;
+  }
+}
+
+}  // namespace detail
+
+/// out[qh * D + c] = softmax_t(scale * q_qh . k_t) . v over every cached token of KV head
+/// qh / (q_heads / kv_heads). q and out are (q_heads, D) row-major.
+template <class KQ, class VQ>
+void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, float* out, float scale) {
+  const CacheLayout& L = st.layout;
+  const index_t H = L.kv_heads, D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (H > 1 && st.tokens() * D * g > 32768)
+#endif
+  for (index_t h = 0; h < H; ++h) {
+    detail::Scratch s;
+    s.codes.resize(static_cast<std::size_t>(B * D));
+    s.dec.resize(static_cast<std::size_t>(std::max(B, L.residual_capacity) * D));
+    s.qs.resize(static_cast<std::size_t>(D));
+    s.tmp.resize(static_cast<std::size_t>(D));
+    const index_t chunk = std::max(B, st.residual);
+    std::vector<float> logits(static_cast<std::size_t>(g * std::max<index_t>(chunk, 1)));
+    std::vector<float> m(static_cast<std::size_t>(g), -std::numeric_limits<float>::infinity()), l(static_cast<std::size_t>(g), 0.0f);
+    std::vector<float> acc(static_cast<std::size_t>(g * D), 0.0f);
+    const float* qh = q + h * g * D;
+    for (index_t b = 0; b < st.blocks; ++b) {
+      const std::uint8_t* block = st.data + L.block_offset(h, b);
+      detail::key_logits(kq, block, B, D, qh, g, logits.data(), s);
+      for (auto& x : logits) x *= scale;
+      detail::softmax_step(logits.data(), B, B, g, D, m.data(), l.data(), acc.data());
+      detail::accumulate_values(vq, block + L.key_part, B, D, logits.data(), g, acc.data(), s);
+    }
+    if (st.residual > 0) {
+      const index_t R = st.residual;
+      const auto* rk = reinterpret_cast<const half*>(st.data + L.residual_key_offset(h, 0));
+      const auto* rv = reinterpret_cast<const half*>(st.data + L.residual_value_offset(h, 0));
+      for (index_t i = 0; i < g; ++i)
+        for (index_t t = 0; t < R; ++t) {
+          float dot = 0.0f;
+          for (index_t c = 0; c < D; ++c) dot += qh[i * D + c] * to_float(rk[t * D + c]);
+          logits[i * R + t] = dot * scale;
+        }
+      detail::softmax_step(logits.data(), R, R, g, D, m.data(), l.data(), acc.data());
+      for (index_t i = 0; i < g; ++i)
+        for (index_t t = 0; t < R; ++t) {
+          const float w = logits[i * R + t];
+          for (index_t c = 0; c < D; ++c) acc[i * D + c] += w * to_float(rv[t * D + c]);
+        }
+    }
+    for (index_t i = 0; i < g; ++i)
+      for (index_t c = 0; c < D; ++c) out[(h * g + i) * D + c] = l[i] > 0.0f ? acc[i * D + c] / l[i] : 0.0f;
+  }
+}
+
+}  // namespace qpkv::cpu

@@ -1,0 +1,234 @@
+// Quantizer policies: packing, round-trip bounds, constant groups, conformance with KIVI's rule.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "qpkv/quant/affine_quantizer.hpp"
+#include "qpkv/quant/fp16.hpp"
+#include "qpkv/quant/kivi.hpp"
+#include "qpkv/quant/pack.hpp"
+
+using namespace qpkv;
+
+namespace {
+
+std::vector<float> randn(std::size_t n, unsigned seed, float sigma = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, sigma);
+  std::vector<float> x(n);
+  for (auto& v : x) v = d(rng);
+  return x;
+}
+
+template <int Bits>
+void check_pack_roundtrip(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::uint8_t> codes(n), back(n);
+  for (auto& c : codes) c = static_cast<std::uint8_t>(rng() & ((1u << Bits) - 1u));
+  std::vector<std::uint8_t> packed(quant::packed_bytes(n, Bits) + 1, 0xAB);
+  quant::pack<Bits>(codes.data(), n, packed.data());
+  CHECK(packed.back() == 0xAB);  // nothing written past ceil(n*b/8) bytes
+  quant::unpack<Bits>(packed.data(), n, back.data());
+  CHECK(codes == back);
+  if (n * Bits % 8) {  // unused high bits of the last byte are zero
+    const unsigned used = n * Bits % 8;
+    CHECK((packed[quant::packed_bytes(n, Bits) - 1] >> used) == 0);
+  }
+}
+
+/// Element-wise round trip of an Affine quantizer over one part; returns max |x - x'| / (scale/2).
+template <int Bits, class S>
+double worst_ratio(const Affine<Bits, S>& q, const std::vector<float>& x, index_t T, index_t D) {
+  const AffineLayout l = q.layout(T, D);
+  std::vector<std::uint8_t> part(l.bytes);
+  q.encode(x.data(), 1, T, D, part.data(), l.bytes);
+  std::vector<float> y(x.size());
+  q.decode(part.data(), T, D, y.data());
+  const auto* sc = reinterpret_cast<const S*>(part.data() + l.scales);
+  double worst = 0;
+  for (index_t t = 0; t < T; ++t)
+    for (index_t c = 0; c < D; ++c) {
+      const double s = to_float(sc[q.group_of(t, c, D)]);
+      const double err = std::fabs(double(x[t * D + c]) - y[t * D + c]);
+      const double bound = s / 2 * (1 + 1e-5) + 1e-6 * std::fabs(x[t * D + c]) + 1e-30;
+      worst = std::max(worst, err / bound);
+    }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("packing is LSB-first and round-trips for every bit width and odd lengths") {
+  const std::uint8_t c4[2] = {1, 2};
+  std::uint8_t b = 0;
+  quant::pack<4>(c4, 2, &b);
+  CHECK(b == 0x21);
+  const std::uint8_t c2[4] = {1, 2, 3, 0};
+  quant::pack<2>(c2, 4, &b);
+  CHECK(b == 0x39);
+  const std::uint8_t c3[8] = {0, 1, 2, 3, 4, 5, 6, 7};  // 0b111'110'101'100'011'010'001'000
+  std::uint8_t b3[3];
+  quant::pack<3>(c3, 8, b3);
+  CHECK(b3[0] == 0x88);
+  CHECK(b3[1] == 0xC6);
+  CHECK(b3[2] == 0xFA);
+  for (std::size_t n : {1u, 2u, 3u, 5u, 7u, 8u, 9u, 31u, 33u, 64u, 127u}) {
+    CAPTURE(n);
+    check_pack_roundtrip<1>(n, 1);
+    check_pack_roundtrip<2>(n, 2);
+    check_pack_roundtrip<3>(n, 3);
+    check_pack_roundtrip<4>(n, 4);
+    check_pack_roundtrip<8>(n, 5);
+  }
+}
+
+TEST_CASE_TEMPLATE("affine round trip is within half a step for every bit width and axis", S, half, float, bfloat16) {
+  auto run = [](auto tag) {
+    constexpr int B = decltype(tag)::value;
+    for (Axis axis : {Axis::channel, Axis::token})
+      for (index_t group : {8, 32, 64}) {
+        for (index_t D : {8, 20, 64}) {
+          CAPTURE(B);
+          CAPTURE(axis_name(axis));
+          CAPTURE(group);
+          CAPTURE(D);
+          Affine<B, S> q;
+          q.axis = axis;
+          q.group = group;
+          const index_t T = axis == Axis::channel ? group * 2 : 3;
+          auto x = randn(static_cast<std::size_t>(T * D), static_cast<unsigned>(B * 131 + D));
+          x[5] = 7.5f;  // an outlier stretches one group
+          CHECK(worst_ratio(q, x, T, D) <= 1.0);
+        }
+      }
+  };
+  run(std::integral_constant<int, 1>{});
+  run(std::integral_constant<int, 2>{});
+  run(std::integral_constant<int, 3>{});
+  run(std::integral_constant<int, 4>{});
+  run(std::integral_constant<int, 8>{});
+}
+
+TEST_CASE("fp16 scale storage keeps the half-step bound when |min| >> range") {
+  Affine<4> q;
+  q.axis = Axis::token;
+  q.group = 8;
+  std::vector<float> x(8);
+  for (int i = 0; i < 8; ++i) x[i] = 1000.0f + 0.01f * static_cast<float>(i);
+  CHECK(worst_ratio(q, x, 1, 8) <= 1.0);
+}
+
+TEST_CASE("constant groups get scale 0 and decode to their value exactly") {
+  for (Axis axis : {Axis::channel, Axis::token}) {
+    Affine<4, float> q;
+    q.axis = axis;
+    q.group = 4;
+    std::vector<float> x(16, 0.3f), y(16);
+    const AffineLayout l = q.layout(4, 4);
+    std::vector<std::uint8_t> part(l.bytes);
+    q.encode(x.data(), 1, 4, 4, part.data(), l.bytes);
+    q.decode(part.data(), 4, 4, y.data());
+    CHECK(y == x);
+    const auto* sc = reinterpret_cast<const float*>(part.data() + l.scales);
+    CHECK(sc[0] == 0.0f);
+  }
+  Affine<2> qh;  // fp16 storage: a representable constant is exact too
+  qh.axis = Axis::token;
+  qh.group = 4;
+  std::vector<float> x(4, 0.5f), y(4);
+  std::vector<std::uint8_t> part(qh.part_bytes(1, 4));
+  qh.encode(x.data(), 1, 1, 4, part.data(), part.size());
+  qh.decode(part.data(), 1, 4, y.data());
+  CHECK(y == x);
+}
+
+TEST_CASE("affine codes follow KIVI's float32 rule bit for bit") {
+  // Independent scalar statement of the rule: mn, mx, scale=(mx-mn)/(2^b-1),
+  // code = nearbyint(clamp((x-mn)/scale)), deq = code*scale + mn.
+  const index_t T = 64, D = 16;
+  auto x = randn(static_cast<std::size_t>(T * D), 7);
+  for (auto& v : x) v = to_float(to_half(v));  // fp16 grid: exact .5 ties occur
+  for (int bits : {2, 4, 8}) {
+    CAPTURE(bits);
+    auto check = [&](auto q) {
+      q.axis = Axis::channel;
+      q.group = 32;
+      const AffineLayout l = q.layout(T, D);
+      std::vector<std::uint8_t> part(l.bytes);
+      q.encode(x.data(), 1, T, D, part.data(), l.bytes);
+      std::vector<float> y(x.size());
+      q.decode(part.data(), T, D, y.data());
+      const std::uint32_t maxc = (1u << decltype(q)::bits) - 1;
+      for (index_t c = 0; c < D; ++c)
+        for (index_t gt = 0; gt < T / 32; ++gt) {
+          float mn = x[gt * 32 * D + c], mx = mn;
+          for (index_t t = gt * 32; t < gt * 32 + 32; ++t) {
+            mn = std::min(mn, x[t * D + c]);
+            mx = std::max(mx, x[t * D + c]);
+          }
+          const float scale = (mx - mn) / static_cast<float>(maxc);
+          for (index_t t = gt * 32; t < gt * 32 + 32; ++t) {
+            float v = (x[t * D + c] - mn) / scale;
+            v = std::min(std::max(v, 0.0f), static_cast<float>(maxc));
+            const auto code = static_cast<std::uint32_t>(std::nearbyint(v));
+            const std::uint8_t* row = part.data() + l.codes + t * l.row_bytes;
+            REQUIRE(quant::unpack_one<decltype(q)::bits>(row, c) == code);
+            const float p = static_cast<float>(code) * scale;
+            REQUIRE(y[t * D + c] == p + mn);
+          }
+        }
+    };
+    if (bits == 2) check(Affine<2, float>{});
+    if (bits == 4) check(Affine<4, float>{});
+    if (bits == 8) check(Affine<8, float>{});
+  }
+}
+
+TEST_CASE("outliers are stored exactly and shrink the group range") {
+  Affine<4, float> q;
+  q.axis = Axis::token;
+  q.group = 16;
+  q.outliers = OutlierRule{6.0f, 0.25};
+  std::vector<float> x = randn(16, 3, 0.5f);
+  x[3] = 40.0f;
+  x[9] = -12.0f;
+  const AffineLayout l = q.layout(1, 16);
+  CHECK(l.slots == 4);
+  std::vector<std::uint8_t> part(l.bytes);
+  q.encode(x.data(), 1, 1, 16, part.data(), l.bytes);
+  std::vector<float> y(16);
+  q.decode(part.data(), 1, 16, y.data());
+  CHECK(y[3] == 40.0f);
+  CHECK(y[9] == -12.0f);
+  const float scale = *reinterpret_cast<const float*>(part.data() + l.scales);
+  CHECK(scale < 4.0f / 15.0f);  // range of the N(0, 0.5) rest, not 52
+  for (int i = 0; i < 16; ++i) CHECK(std::fabs(y[i] - x[i]) <= scale / 2 * 1.0001f);
+  Affine<4, float> bad = q;
+  bad.outliers = OutlierRule{6.0f, 0.0};
+  CHECK_THROWS_WITH_AS(bad.validate(16, "key_quantizer"), doctest::Contains("outliers.fraction"), Error);
+}
+
+TEST_CASE("fp16 storage round-trips through half") {
+  Fp16 q;
+  auto x = randn(40, 9);
+  std::vector<std::uint8_t> part(q.part_bytes(5, 8));
+  CHECK(part.size() == 80);
+  q.encode(x.data(), 1, 5, 8, part.data(), part.size());
+  std::vector<float> y(40);
+  q.decode(part.data(), 5, 8, y.data());
+  for (int i = 0; i < 40; ++i) CHECK(y[i] == to_float(to_half(x[i])));
+}
+
+TEST_CASE("Kivi scheme puts keys per channel and values per token") {
+  Kivi<4, 2, 64, 128> k;
+  CHECK(k.key.axis == Axis::channel);
+  CHECK(k.value.axis == Axis::token);
+  CHECK(k.key.group == 64);
+  CHECK(k.value.group == 64);
+  CHECK(k.residual == 128);
+  static_assert(decltype(k.key)::bits == 4 && decltype(k.value)::bits == 2);
+  static_assert(Quantizer<Affine<3>> && Quantizer<Fp16>);
+  static_assert(KVScheme<Kivi<16>>);
+}
