@@ -38,6 +38,14 @@
 namespace qpkv {
 
 namespace detail {
+/// fp16 residual store: a finite input that overflows half is an error, not a silent inf.
+inline half residual_half(float x, const char* what) {
+  const half h = to_half(x);
+  if (!std::isfinite(to_float(h)))
+    throw Error(concat("qpkv: ", what, ": expected |x| <= 65504 for the fp16 residual, got ", x));
+  return h;
+}
+
 template <class Q>
 struct key_of { using type = Q; };
 template <KVScheme S>
@@ -166,8 +174,8 @@ class CompressedKV {
         auto* rk = reinterpret_cast<half*>(data_.data() + layout_.residual_key_offset(h, residual_));
         auto* rv = reinterpret_cast<half*>(data_.data() + layout_.residual_value_offset(h, residual_));
         for (index_t c = 0; c < D; ++c) {
-          rk[c] = to_half(to_float(k[h * D + c]));
-          rv[c] = to_half(to_float(v[h * D + c]));
+          rk[c] = detail::residual_half(to_float(k[h * D + c]), "k");
+          rv[c] = detail::residual_half(to_float(v[h * D + c]), "v");
         }
       }
       ++residual_;
@@ -293,8 +301,8 @@ class CompressedKV {
           auto* rk = reinterpret_cast<half*>(data_.data() + layout_.residual_key_offset(h, i - nb * B));
           auto* rv = reinterpret_cast<half*>(data_.data() + layout_.residual_value_offset(h, i - nb * B));
           for (index_t c = 0; c < D; ++c) {
-            rk[c] = to_half(to_float(kr[c]));
-            rv[c] = to_half(to_float(vr[c]));
+            rk[c] = detail::residual_half(to_float(kr[c]), "keys");
+            rv[c] = detail::residual_half(to_float(vr[c]), "values");
           }
         }
       }
