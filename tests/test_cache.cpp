@@ -10,6 +10,7 @@
 #include "qpkv/attention/dense.hpp"
 #include "qpkv/cache/compressed_kv.hpp"
 #include "qpkv/select/keep_all.hpp"
+#include "qpkv/select/snapkv.hpp"
 
 using namespace qpkv;
 
@@ -200,8 +201,12 @@ TEST_CASE("bad input raises qpkv::Error naming the argument") {
                        doctest::Contains("keys.heads"), Error);
   CHECK_THROWS_WITH_AS(c.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N / 2, 16), view(q.data(), 4, N, 16), N),
                        doctest::Contains("values.tokens"), Error);
-  CHECK_THROWS_WITH_AS(c.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N, 16), view(q.data(), 2, N, 16), N),
+  CompressedKV<SnapKV, Kivi<4>> snap(s, SnapKV{.window = 4});
+  CHECK_THROWS_WITH_AS(snap.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N, 16), view(q.data(), 2, N, 16), N),
                        doctest::Contains("queries.heads"), Error);
+  CHECK_THROWS_WITH_AS(snap.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N, 16), N), doctest::Contains("queries"), Error);
+  CompressedKV<KeepAll, Kivi<4>> c2(s);
+  CHECK_NOTHROW(c2.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N, 16), N));  // KeepAll reads no queries
   CHECK_THROWS_WITH_AS(c.attend(q.data(), q.data()), doctest::Contains("empty cache"), Error);
   k[17] = std::numeric_limits<float>::quiet_NaN();
   CHECK_THROWS_WITH_AS(c.compress(view(k.data(), 2, N, 16), view(k.data(), 2, N, 16), view(q.data(), 4, N, 16), N),

@@ -132,16 +132,27 @@ class CompressedKV {
 
   /// Prefill: selects `capacity` tokens per KV head (see the selector), gathers and quantizes them.
   /// keys/values: (kv_heads, N, D); queries: (q_heads, M, D), the prompt's last M queries (M >=
-  /// selector.queries_needed(N)). Replaces any previous content.
+  /// selector.queries_needed(N); not read when that is 0). Replaces any previous content.
   template <Element T>
   void compress(const TensorView<T>& keys, const TensorView<T>& values, const TensorView<T>& queries,
                 index_t capacity, LayerInfo layer = {}) {
     check_kv(keys, values);
-    detail::check_view(queries, "queries");
-    detail::require(queries.heads == shape_.q_heads, "queries.heads", shape_.q_heads, queries.heads);
-    detail::require(queries.dim == shape_.head_dim, "queries.dim", shape_.head_dim, queries.dim);
+    if (selector_.queries_needed(keys.tokens) > 0) {
+      detail::check_view(queries, "queries");
+      detail::require(queries.heads == shape_.q_heads, "queries.heads", shape_.q_heads, queries.heads);
+      detail::require(queries.dim == shape_.head_dim, "queries.dim", shape_.head_dim, queries.dim);
+    }
     Selection sel = selector_.select(keys, queries, capacity, layer);
     store(keys, values, std::move(sel));
+  }
+
+  /// Prefill for selectors that read no queries (KeepAll, StreamingLLM, ...).
+  template <Element T>
+  void compress(const TensorView<T>& keys, const TensorView<T>& values, index_t capacity, LayerInfo layer = {}) {
+    detail::require(selector_.queries_needed(keys.tokens) == 0, "queries",
+                    detail::concat("the last ", selector_.queries_needed(keys.tokens), " prompt queries (this selector scores with them)"),
+                    "none");
+    compress(keys, values, TensorView<T>{nullptr, shape_.q_heads, 0, shape_.head_dim, 0, shape_.head_dim}, capacity, layer);
   }
 
   /// Prefill with a selection made elsewhere (one ascending list of positions per KV head).
