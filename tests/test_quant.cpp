@@ -232,3 +232,23 @@ TEST_CASE("Kivi scheme puts keys per channel and values per token") {
   static_assert(Quantizer<Affine<3>> && Quantizer<Fp16>);
   static_assert(KVScheme<Kivi<16>>);
 }
+
+TEST_CASE("the worked example of docs/format.md produces exactly the documented bytes") {
+  const float k[16] = {0.0f, 1.0f, -2.0f, 0.5f, 0.5f, 1.0f, -1.0f, 0.5f, 1.0f, 1.0f, 0.0f, 0.25f, 1.5f, 1.0f, 1.0f, 0.0f};
+  Affine<4> kq;
+  kq.axis = Axis::channel;
+  kq.group = 4;
+  std::vector<std::uint8_t> p(kq.part_bytes(4, 4));
+  kq.encode(k, 1, 4, 4, p.data(), p.size());
+  const std::vector<std::uint8_t> key_bytes = {0x67, 0x2e, 0x00, 0x00, 0x67, 0x32, 0x45, 0x28, 0x00, 0x00, 0x00, 0x3c,
+                                               0x00, 0xc0, 0x00, 0x00, 0x00, 0xf0, 0x05, 0xf5, 0x0a, 0x7a, 0x0f, 0x0f};
+  CHECK(p == key_bytes);
+  Affine<2> vq;
+  vq.axis = Axis::token;
+  vq.group = 4;
+  std::vector<std::uint8_t> pv(vq.part_bytes(4, 4));
+  vq.encode(k, 1, 4, 4, pv.data(), pv.size());
+  const std::vector<std::uint8_t> value_bytes = {0x00, 0x3c, 0x56, 0x39, 0x56, 0x35, 0x00, 0x38, 0x00, 0xc0,
+                                                 0x00, 0xbc, 0x00, 0x00, 0x00, 0x00, 0x8e, 0x8e, 0x4f, 0x2b};
+  CHECK(pv == value_bytes);
+}
