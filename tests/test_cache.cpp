@@ -11,6 +11,7 @@
 #include "qpkv/cache/compressed_kv.hpp"
 #include "qpkv/select/keep_all.hpp"
 #include "qpkv/select/snapkv.hpp"
+#include "qpkv/io/npy.hpp"
 
 using namespace qpkv;
 
@@ -167,12 +168,15 @@ TEST_CASE("bytes() is the exact allocation: KIVI 4-bit group 32, head_dim 64") {
   CompressedKV<KeepAll, Kivi<4>> c(s);
   CHECK(c.layout().key_part == 1280);
   CHECK(c.layout().value_part == 1280);
-  const index_t N = 100;  // 3 blocks + 4 residual tokens (residual slots: 32)
+  const index_t N = 100;  // 3 blocks + 4 fp16 residual tokens
   auto k = randn(static_cast<std::size_t>(4 * N * 64), 1);
   c.compress(view(k.data(), 4, N, 64), view(k.data(), 4, N, 64), view(k.data(), 4, N, 64), N);
+  CHECK(c.bytes() == 4u * (3u * 2560u + 4u * 64u * 2u * 2u));
+  c.append(k.data(), k.data());  // the residual grows to its 32 slots
   CHECK(c.bytes() == 4u * (3u * 2560u + 32u * 64u * 2u * 2u));
   c.reserve(200);
   CHECK(c.bytes() == 4u * (7u * 2560u + 32u * 64u * 2u * 2u));
+  CHECK(c.tokens() == 101);
 }
 
 TEST_CASE("half and bfloat16 inputs are accepted and read as their float values") {
@@ -234,3 +238,51 @@ TEST_CASE("bad input raises qpkv::Error naming the argument") {
   cf.compress(view(big.data(), 2, 64, 16), view(big.data(), 2, 64, 16), view(qb.data(), 4, 64, 16), 64);
   CHECK(cf.tokens() == 64);
 }
+
+TEST_CASE("SnapKV + KIVI-4 on the case-a conformance layer keeps the reference code's tokens") {
+  const std::string dir = std::string(QPKV_TEST_DATA) + "/conformance/";
+  const auto k = io::load_npy(dir + "inputs_a_key_states.npy").as<float>();
+  const auto v = io::load_npy(dir + "inputs_a_value_states.npy").as<float>();
+  const auto q = io::load_npy(dir + "inputs_a_query_states.npy").as<float>();
+  const auto ref = io::load_npy(dir + "selection/sel_a_snapkv_cap128_w32_k5_avg.npy");
+  const auto sel = ref.as<index_t>();
+  const Shape s{4, 4, 64};
+  CompressedKV<SnapKV, Kivi<4>> cache(s);
+  cache.compress(view(k.data(), 4, 512, 64), view(v.data(), 4, 512, 64), view(q.data(), 4, 512, 64), 128);
+  CHECK(cache.tokens() == 128);
+  CHECK(cache.state().blocks == 4);
+  for (index_t h = 0; h < 4; ++h) {
+    const auto p = cache.positions(h);
+    CHECK(std::vector<index_t>(p.begin(), p.end()) == std::vector<index_t>(sel.begin() + h * 128, sel.begin() + (h + 1) * 128));
+  }
+  CHECK(kernel_error(cache, 9) <= 1e-5);
+  // against the uncompressed layer: the decode query is the last prompt query
+  std::vector<float> qd(4 * 64), out(qd.size()), full(qd.size());
+  for (index_t h = 0; h < 4; ++h)
+    for (index_t c = 0; c < 64; ++c) qd[h * 64 + c] = q[(h * 512 + 511) * 64 + c];
+  cache.attend(qd.data(), out.data());
+  dense_attention(view(k.data(), 4, 512, 64), view(v.data(), 4, 512, 64), qd.data(), 4, full.data());
+  MESSAGE("SnapKV cap 128 + KIVI-4 vs full layer, last query: rel err " << rel_l2(out, full) << ", " << cache.bytes()
+                                                                       << " bytes vs " << 2 * 4 * 512 * 64 * 2 << " fp16");
+  CHECK(rel_l2(out, full) < 0.2);
+}
+
+#if defined(_OPENMP)
+#include <omp.h>
+TEST_CASE("attend gives identical results with 1 and 2 threads") {
+  const Shape s{4, 16, 64};
+  const index_t N = 1000;
+  auto k = randn(static_cast<std::size_t>(4 * N * 64), 1), v = randn(k.size(), 2);
+  CompressedKV<KeepAll, Kivi<4>> c(s);
+  c.compress(view(k.data(), 4, N, 64), view(v.data(), 4, N, 64), N);
+  auto q = randn(16 * 64, 3);
+  std::vector<float> a(q.size()), b(q.size());
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  c.attend(q.data(), a.data());
+  omp_set_num_threads(2);
+  c.attend(q.data(), b.data());
+  omp_set_num_threads(saved);
+  CHECK(a == b);
+}
+#endif

@@ -9,10 +9,12 @@
 //   attend(q, out)                             softmax(q K^T / sqrt(D)) V for all query heads
 //   dequantize(), positions(head), tokens(), bytes()
 //
-// Residual rule (KIVI's runtime, see docs/design.md): the residual holds R = round_up(max(residual,
-// B), B) slots, or none when B = 1 and residual = 0. compress() stores C mod R of the C kept tokens
-// there; append() quantizes all R at once when it fills. bytes() is the exact size of the one
-// allocation: blocks (codes, scales, mins, outlier slots) plus the residual.
+// Residual rule (KIVI's runtime, see docs/design.md): the residual holds up to R = round_up(max(
+// residual, B), B) tokens, or none when B = 1 and residual = 0. compress() stores C mod R of the C
+// kept tokens there; append() quantizes all R at once when it fills. bytes() is the exact size of
+// the one allocation: blocks (codes, scales, mins, outlier slots) plus the allocated residual slots.
+// compress() allocates exactly what the C tokens need; the first append() grows the residual to R
+// slots and later flushes grow the blocks geometrically (reserve() avoids both).
 #pragma once
 
 #include <algorithm>
@@ -75,6 +77,29 @@ struct CacheOptions {
   float scale = 0.0f;    ///< softmax scale; 0 means 1/sqrt(head_dim)
 };
 
+namespace detail {
+/// The key quantizer a cache uses for the argument `q` (a Quantizer or a KV scheme): the scheme's
+/// key part, with Axis::automatic resolved to Axis::channel (KIVI). Shared with the budget planner.
+template <class Q>
+auto key_quantizer_of(const Q& q) {
+  auto k = key_part(q);
+  if (k.axis == Axis::automatic) k.axis = Axis::channel;
+  return k;
+}
+/// The value quantizer for the argument `q`: the scheme's value part, Axis::automatic -> token.
+template <class Q>
+auto value_quantizer_of(const Q& q) {
+  auto v = value_part(q);
+  if (v.axis == Axis::automatic) v.axis = Axis::token;
+  return v;
+}
+/// Requested residual length: the largest of the options' and the KV schemes' residuals.
+template <class KeyQ, class ValueQ>
+index_t residual_length_of(const KeyQ& key_q, const ValueQ& value_q, const CacheOptions& options) {
+  return std::max({options.residual, residual_of(key_q), residual_of(value_q)});
+}
+}  // namespace detail
+
 /// Dense copy of a cache, [kv_head][token][dim] in positional order.
 struct DenseKV {
   index_t heads = 0, tokens = 0, dim = 0;
@@ -96,8 +121,9 @@ CacheLayout plan_layout(const Shape& shape, const KQ& kq, const VQ& vq, index_t 
   L.key_part = kq.part_bytes(L.block_tokens, shape.head_dim);
   L.value_part = vq.part_bytes(L.block_tokens, shape.head_dim);
   const index_t B = L.block_tokens;
-  L.residual_capacity = (B == 1 && residual == 0) ? 0 : (std::max(residual, B) + B - 1) / B * B;
-  const index_t res = L.residual_capacity ? tokens % L.residual_capacity : 0;
+  L.residual_limit = (B == 1 && residual == 0) ? 0 : (std::max(residual, B) + B - 1) / B * B;
+  const index_t res = L.residual_limit ? tokens % L.residual_limit : 0;
+  L.residual_capacity = res;
   L.capacity_blocks = (tokens - res) / B;
   if (residual_tokens) *residual_tokens = res;
   return L;
@@ -116,16 +142,14 @@ class CompressedKV {
                 "qpkv::CompressedKV: this header provides backend::Cpu; include qpkv/backend/cuda/*.cuh for backend::Cuda");
 
   explicit CompressedKV(Shape shape, Selector selector = {}, KeyQ key_q = {}, ValueQ value_q = {}, CacheOptions options = {})
-      : shape_(shape), selector_(std::move(selector)), kq_(detail::key_part(key_q)), vq_(detail::value_part(value_q)),
-        options_(options) {
+      : shape_(shape), selector_(std::move(selector)), kq_(detail::key_quantizer_of(key_q)),
+        vq_(detail::value_quantizer_of(value_q)), options_(options) {
     shape_.validate();
-    if (kq_.axis == Axis::automatic) kq_.axis = Axis::channel;
-    if (vq_.axis == Axis::automatic) vq_.axis = Axis::token;
     kq_.validate(shape_.head_dim, "key_quantizer");
     vq_.validate(shape_.head_dim, "value_quantizer");
     detail::require(options_.residual >= 0, "options.residual", ">= 0", options_.residual);
     detail::require(options_.scale >= 0.0f && std::isfinite(options_.scale), "options.scale", ">= 0 and finite", options_.scale);
-    residual_length_ = std::max({options_.residual, detail::residual_of(key_q), detail::residual_of(value_q)});
+    residual_length_ = detail::residual_length_of(key_q, value_q, options_);
     layout_ = plan_layout(shape_, kq_, vq_, residual_length_, 0);
     positions_.resize(static_cast<std::size_t>(shape_.kv_heads));
   }
@@ -170,17 +194,17 @@ class CompressedKV {
     const index_t H = shape_.kv_heads, D = shape_.head_dim;
     detail::check_finite(view(k, H, 1, D), "k");
     detail::check_finite(view(v, H, 1, D), "v");
-    if (layout_.residual_capacity == 0) {  // B = 1: every token is a block of its own
+    if (layout_.residual_limit == 0) {  // B = 1: every token is a block of its own
       std::vector<float> kf(static_cast<std::size_t>(H * D)), vf(kf.size());
       for (index_t i = 0; i < H * D; ++i) {
         kf[i] = to_float(k[i]);
         vf[i] = to_float(v[i]);
       }
-      grow(blocks_ + 1);
+      grow(blocks_ + 1, 0);
       encode_blocks(kf.data(), vf.data(), 1, blocks_);
       ++blocks_;
     } else {
-      grow(blocks_);  // allocates the residual of a cache that was never compressed
+      if (residual_ == layout_.residual_capacity) grow(blocks_, layout_.residual_limit);
       for (index_t h = 0; h < H; ++h) {
         auto* rk = reinterpret_cast<half*>(data_.data() + layout_.residual_key_offset(h, residual_));
         auto* rv = reinterpret_cast<half*>(data_.data() + layout_.residual_value_offset(h, residual_));
@@ -190,7 +214,7 @@ class CompressedKV {
         }
       }
       ++residual_;
-      if (residual_ == layout_.residual_capacity) flush_residual();
+      if (residual_ == layout_.residual_limit) flush_residual();
     }
     for (auto& p : positions_) p.push_back(next_position_);
     ++next_position_;
@@ -260,7 +284,7 @@ class CompressedKV {
   /// Grows the allocation so that `tokens` tokens fit without reallocating during append().
   void reserve(index_t tokens) {
     detail::require(tokens >= 0, "tokens", ">= 0", tokens);
-    grow((tokens + layout_.block_tokens - 1) / layout_.block_tokens);
+    grow((tokens + layout_.block_tokens - 1) / layout_.block_tokens, layout_.residual_limit);
   }
 
  private:
@@ -339,7 +363,7 @@ class CompressedKV {
   }
 
   void flush_residual() {
-    const index_t H = shape_.kv_heads, D = shape_.head_dim, R = layout_.residual_capacity;
+    const index_t H = shape_.kv_heads, D = shape_.head_dim, R = layout_.residual_limit;
     std::vector<float> kf(static_cast<std::size_t>(H * R * D)), vf(kf.size());
     for (index_t h = 0; h < H; ++h) {
       const auto* rk = reinterpret_cast<const half*>(data_.data() + layout_.residual_key_offset(h, 0));
@@ -350,21 +374,23 @@ class CompressedKV {
       }
     }
     const index_t n = R / layout_.block_tokens;
-    grow(blocks_ + n);
+    grow(blocks_ + n, layout_.residual_capacity);
     encode_blocks(kf.data(), vf.data(), n, blocks_);
     blocks_ += n;
     residual_ = 0;
   }
 
-  /// Ensures capacity for `need` blocks per head; grows geometrically (x1.5) so append is
-  /// amortised O(1). bytes() always reports the allocation, spare blocks included.
-  void grow(index_t need) {
-    if (need <= layout_.capacity_blocks && data_.size() > 0) return;
+  /// Ensures room for `need_blocks` blocks and `need_residual` residual slots per head. Blocks grow
+  /// geometrically (x1.5) so append is amortised O(1). bytes() always reports the allocation.
+  void grow(index_t need_blocks, index_t need_residual) {
+    if (need_blocks <= layout_.capacity_blocks && need_residual <= layout_.residual_capacity) return;
     CacheLayout nl = layout_;
-    nl.capacity_blocks = std::max(need, layout_.capacity_blocks + layout_.capacity_blocks / 2);
+    if (need_blocks > layout_.capacity_blocks)
+      nl.capacity_blocks = std::max(need_blocks, layout_.capacity_blocks + layout_.capacity_blocks / 2);
+    nl.residual_capacity = std::max(need_residual, layout_.residual_capacity);
     AlignedBuffer nd(nl.total_bytes());
     std::memset(nd.data(), 0, nd.size());
-    const std::size_t res_bytes = static_cast<std::size_t>(layout_.residual_capacity * shape_.head_dim) * sizeof(half);
+    const std::size_t res_bytes = static_cast<std::size_t>(residual_ * shape_.head_dim) * sizeof(half);
     for (index_t h = 0; h < shape_.kv_heads && data_.size() > 0; ++h) {
       std::memcpy(nd.data() + nl.block_offset(h, 0), data_.data() + layout_.block_offset(h, 0),
                   static_cast<std::size_t>(blocks_) * layout_.block_bytes());

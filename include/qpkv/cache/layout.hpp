@@ -6,7 +6,9 @@
 //   residual: [kv_head][slot < residual_capacity][D] half keys, then the same for values.
 // B (block_tokens) is the least common multiple of the key and value quantizers' group_tokens()
 // (KIVI: the key group, 32). Tokens of a head are stored in positional order: blocks first, then
-// the residual. docs/format.md shows one block byte by byte.
+// the residual. docs/format.md shows one block byte by byte. Right after compress() the allocation
+// holds exactly the blocks and the residual tokens in use (no spare slots), so the planner's bytes
+// for C tokens are the bytes of a cache holding C tokens; append() grows it.
 #pragma once
 
 #include <cstddef>
@@ -25,7 +27,8 @@ struct CacheLayout {
   std::size_t key_part = 0;       ///< bytes of a block's key part
   std::size_t value_part = 0;     ///< bytes of a block's value part
   index_t capacity_blocks = 0;    ///< allocated blocks per head
-  index_t residual_capacity = 0;  ///< fp16 residual slots per head (0: tokens are quantized at once)
+  index_t residual_limit = 0;     ///< R: the residual is quantized when it holds R tokens (0: no residual)
+  index_t residual_capacity = 0;  ///< allocated fp16 residual slots per head (<= R; grows to R on append)
 
   [[nodiscard]] std::size_t block_bytes() const { return key_part + value_part; }
   [[nodiscard]] std::size_t blocks_bytes() const {

@@ -189,7 +189,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   for (index_t h = 0; h < H; ++h) {
     detail::Scratch s;
     s.codes.resize(static_cast<std::size_t>(B * D));
-    s.dec.resize(static_cast<std::size_t>(std::max(B, L.residual_capacity) * D));
+    s.dec.resize(static_cast<std::size_t>(B * D));
     s.qs.resize(static_cast<std::size_t>(D));
     s.tmp.resize(static_cast<std::size_t>(D));
     const index_t chunk = std::max(B, st.residual);
