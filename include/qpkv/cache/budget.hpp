@@ -12,19 +12,22 @@
 //
 //   footprint(shape, key_q, value_q, tokens, residual = 0)      exact bytes of `tokens` kept tokens
 //   footprint<KeyQ, ValueQ = KeyQ>(shape, tokens, options = {})
-//   capacity_for(budget, shape, key_q, value_q, residual = 0, min_tokens = 0)
-//   capacity_for<KeyQ, ValueQ = KeyQ>(budget, shape, options = {}, min_tokens = 0)
-//       the largest C with footprint(C) <= budget. Quantizers are taken exactly as CompressedKV
-//       takes them: a Quantizer, or a KV scheme such as Kivi<4> (key part, value part, residual);
-//       Axis::automatic becomes channel for keys and token for values; residual = max(residual
-//       argument or options.residual, the schemes' residuals).
+//   capacity_for(budget, shape, key_q, value_q, residual = 0, limits = {})
+//   capacity_for<KeyQ, ValueQ = KeyQ>(budget, shape, options = {}, limits = {})
+//       the largest token count C in [limits.min, limits.max] with footprint(C) <= budget.
+//       Quantizers are taken exactly as CompressedKV takes them: a Quantizer, or a KV scheme such
+//       as Kivi<4> (key part, value part, residual); Axis::automatic becomes channel for keys and
+//       token for values; residual = max(residual argument or options.residual, the schemes').
+//   TokenLimits{min = 1, max = unlimited}       min: the least capacity the selector accepts (see
+//                                               min_capacity); max: the prompt length N, so that a
+//                                               selector given C keeps exactly C tokens (or all N)
 //   min_capacity(selector, layer = {})          the least capacity the selector's validate() accepts
-//                                               (its window; 0 for KeepAll); pass it as min_tokens
+//                                               (its window; 0 for KeepAll)
 //   QuantSpec{key_bits, value_bits, group, residual}  a KIVI scheme chosen at run time (bits in
 //                                               1, 2, 3, 4, 8, 16): the same bytes as
 //                                               Kivi<key_bits, value_bits, group, residual>;
 //                                               footprint(shape, spec, tokens) and
-//                                               capacity_for(budget, shape, spec, min_tokens = 0)
+//                                               capacity_for(budget, shape, spec, limits = {})
 //   nominal_tokens(budget, shape, bits)         the paper's rule: floor(budget / (4 kv_heads head_dim))
 //                                               fp16 tokens, x 16 / bits (floor); scales, mins and
 //                                               residual ignored
@@ -41,23 +44,30 @@
 //   format_model(plan)
 // Everything validates its arguments and throws qpkv::Error "qpkv: <argument>: expected ..., got ...".
 //
-// The footprint function. With B = block tokens and R = residual slots of the layout (see
-// cache/layout.hpp; R = 0 only when B = 1 and no residual is asked for), compress() of C tokens
-// quantizes floor(C / R) x R tokens into blocks and leaves C mod R in the residual, which is always
-// allocated whole. With S = R (or S = 1 when R = 0):
-//     footprint(C) = kv_heads x floor(C / S) x (S / B) x block_bytes  +  2 x kv_heads x R x head_dim x 2
-// a non-decreasing step function of C: tokens that wait in the residual cost no extra bytes, so the
-// largest fitting C always ends a step, C = m S + S - 1 with m = floor((budget - residual bytes) /
-// step bytes). capacity_for() computes that in O(1) and then checks footprint(C) <= budget <
-// footprint(C + 1) with plan_layout() itself (an Error if the two ever disagree). Because the
-// footprint is non-decreasing, no count above C fits either ("one more token exceeds the budget").
-// If the residual buffer alone (C = 0) exceeds the budget, or the budget cannot hold min_tokens,
-// capacity_for() throws an Error naming the budget, the minimum bytes and the given bytes.
+// The footprint function. With B = block tokens and R = the residual limit of the layout (see
+// cache/layout.hpp; R = 0 only when B = 1 and no residual is asked for), compress() of C = qR + r
+// tokens (0 <= r < R) quantizes qR of them into blocks and keeps r in fp16 residual slots, and
+// allocates exactly that:
+//     footprint(qR + r) = q P + r T,   P = kv_heads x (R / B) x block_bytes   (R quantized tokens)
+//                                      T = 2 x kv_heads x head_dim x 2        (one fp16 token)
+// (R = 0: footprint(C) = C x kv_heads x block_bytes.) This is NOT monotone in C: when (R - 1) T > P
+// (every quantized KIVI scheme: 31 fp16 tokens cost more than a 4-bit block of 32), footprint(qR - 1)
+// > footprint(qR), so a budget can hold C tokens but not C - 1. It is increasing within a step (q
+// fixed), and the step minima footprint(qR) = qP increase with q. Hence the largest C <= U (U =
+// limits.max) that fits budget b is found in O(1): take the largest step q with qP <= b and qR <= U,
+// then the largest r with qP + rT <= b, r <= R - 1 and qR + r <= U. capacity_for() then verifies
+// with plan_layout() itself that footprint(C) <= b, footprint(C + 1) > b (or C = U) and the next
+// step's minimum footprint((q + 1)R) > b (or beyond U) — by the two facts above that proves no count
+// in (C, U] fits — and throws if the closed form and plan_layout() ever disagree.
+// Consequences: "one more token" never fits, but a smaller count may not fit either, so pass the
+// prompt length as limits.max (the planner functions below do): a selector given C >= N keeps all N
+// tokens, and footprint(N) may exceed a budget that footprint(C) meets. If fewer than limits.min
+// tokens fit (at least one token is always required), capacity_for() throws an Error naming the
+// budget, the least budget that would fit limits.min tokens, and the given bytes.
 //
-// The budget covers the cache after prefill. Decoding appends tokens: when the residual fills,
-// append() quantizes it into new blocks and the allocation grows (by half its size at least; call
-// CompressedKV::reserve() to grow once). For T decode tokens within the same budget, plan with
-// capacity_for(...) - T: footprint depends only on the count.
+// The budget covers the cache after prefill. Decoding appends tokens: the first append() grows the
+// residual to its R slots, and flushes grow the blocks (by half at least; CompressedKV::reserve()
+// grows once).
 #pragma once
 
 #include <algorithm>
@@ -164,33 +174,67 @@ std::int64_t layout_bytes(const Shape& shape, const KQ& kq, const VQ& vq, index_
   return static_cast<std::int64_t>(plan_layout(shape, kq, vq, residual, tokens).total_bytes());
 }
 
-/// The largest C with footprint(C) <= budget, for resolved and validated quantizers (see the top).
+/// The bytes of C tokens: (P, T, R) of the closed form at the top, checked against plan_layout.
+struct Steps {
+  index_t R = 0;           ///< residual limit, or 1 when there is no residual (every token a block)
+  std::int64_t P = 0;      ///< bytes of R quantized tokens (all heads)
+  std::int64_t T = 0;      ///< bytes of one fp16 residual token (all heads); unused when R = 1 and no residual
+  [[nodiscard]] std::int64_t bytes(index_t c) const { return (c / R) * P + (c % R) * T; }
+  /// The least budget that holds some count in [m, u]: within a step bytes grow and the step
+  /// minima grow, so it is footprint(m) or the start of the next step.
+  [[nodiscard]] std::int64_t min_bytes_between(index_t m, index_t u) const {
+    return m % R == 0 || m / R + 1 > u / R ? bytes(m) : std::min(bytes(m), (m / R + 1) * P);
+  }
+};
+
 template <class KQ, class VQ>
-index_t capacity(Budget budget, const Shape& shape, const KQ& kq, const VQ& vq, index_t residual, index_t min_tokens) {
-  budget.validate();
-  require(min_tokens >= 0, "min_tokens", ">= 0", min_tokens);
+Steps steps_of(const Shape& shape, const KQ& kq, const VQ& vq, index_t residual) {
   const CacheLayout L = plan_layout(shape, kq, vq, residual, 0);
-  const auto fixed = static_cast<std::int64_t>(L.residual_bytes());
-  if (budget.bytes < fixed)
-    throw Error(concat("qpkv: budget: expected >= ", fixed, " bytes (the fp16 residual buffer of ", L.residual_capacity,
-                       " slots per head that even 0 tokens need), got ", budget.bytes, " bytes"));
-  const index_t B = L.block_tokens;
-  const index_t step = L.residual_capacity > 0 ? L.residual_capacity : B;
-  const std::int64_t step_bytes =
-      checked_mul(shape.kv_heads * (step / B), static_cast<std::int64_t>(L.block_bytes()), "bytes per residual step");
-  require(step_bytes > 0, "bytes per residual step", "> 0", step_bytes);
-  const std::int64_t m = (budget.bytes - fixed) / step_bytes;
-  const index_t C = m * step + step - 1;
-  // verify the closed form against the allocator's own arithmetic
-  const std::int64_t at = layout_bytes(shape, kq, vq, residual, C), next = layout_bytes(shape, kq, vq, residual, C + 1);
-  if (!(at <= budget.bytes && budget.bytes < next))
-    throw Error(concat("qpkv: capacity_for: internal: expected footprint(", C, ") = ", at, " <= budget ", budget.bytes,
-                       " < footprint(", C + 1, ") = ", next, " (plan_layout changed its rule?)"));
-  if (C < min_tokens)
-    throw Error(concat("qpkv: budget: expected >= ", layout_bytes(shape, kq, vq, residual, min_tokens),
-                       " bytes (the footprint of min_tokens = ", min_tokens,
-                       ", the least capacity the selector accepts), got ", budget.bytes, " bytes (room for ", C,
-                       " tokens)"));
+  Steps s;
+  s.R = L.residual_limit > 0 ? L.residual_limit : L.block_tokens;  // residual_limit 0 implies B = 1
+  s.P = checked_mul(shape.kv_heads * (s.R / L.block_tokens), static_cast<std::int64_t>(L.block_bytes()),
+                    "bytes per residual step");
+  s.T = checked_mul(4 * shape.kv_heads, shape.head_dim, "bytes per fp16 token");
+  require(s.P > 0, "bytes per residual step", "> 0", s.P);
+  return s;
+}
+
+}  // namespace detail
+
+/// Bounds on the token count capacity_for() may return.
+struct TokenLimits {
+  index_t min = 1;                                      ///< fewer fitting tokens is an Error
+  index_t max = std::numeric_limits<index_t>::max();    ///< e.g. the prompt length N
+};
+
+namespace detail {
+
+/// The largest C in [limits.min, limits.max] with footprint(C) <= budget, for resolved and
+/// validated quantizers (see the top).
+template <class KQ, class VQ>
+index_t capacity(Budget budget, const Shape& shape, const KQ& kq, const VQ& vq, index_t residual, TokenLimits limits) {
+  budget.validate();
+  require(limits.min >= 1, "limits.min", ">= 1 token", limits.min);
+  require(limits.max >= limits.min, "limits.max", concat(">= limits.min (", limits.min, ")"), limits.max);
+  const Steps st = steps_of(shape, kq, vq, residual);
+  const std::int64_t b = budget.bytes;
+  const index_t R = st.R, U = limits.max;
+  // largest step q with qP <= b and qR <= U, then the largest remainder r in that step
+  const index_t q = std::min(b / st.P, U / R);
+  const index_t r = R == 1 ? 0 : std::min({R - 1, (b - q * st.P) / st.T, U - q * R});
+  const index_t C = q * R + r;
+  // verify with the allocator's own arithmetic (see the top for why these three checks suffice)
+  auto bytes = [&](index_t c) { return layout_bytes(shape, kq, vq, residual, c); };
+  const bool fits = bytes(C) <= b && bytes(C) == st.bytes(C);
+  const bool next_token = C == U || bytes(C + 1) > b;
+  const bool next_step = (q + 1) > U / R || bytes((q + 1) * R) > b;
+  if (!(fits && next_token && next_step))
+    throw Error(concat("qpkv: capacity_for: internal: the closed form gives ", C, " tokens = ", bytes(C),
+                       " bytes for a budget of ", b, " bytes, which plan_layout() does not confirm (its rule changed?)"));
+  if (C < limits.min)
+    throw Error(concat("qpkv: budget: expected >= ", st.min_bytes_between(limits.min, U), " bytes (room for ",
+                       limits.min == 1 ? "one token" : concat("limits.min = ", limits.min, " tokens, the least capacity the selector accepts"),
+                       "), got ", b, " bytes (room for ", C, " tokens)"));
   return C;
 }
 
@@ -216,23 +260,23 @@ std::size_t footprint(const Shape& shape, index_t tokens, CacheOptions options =
   return plan_layout(shape, r.key, r.value, r.residual, tokens).total_bytes();
 }
 
-/// The largest token count C whose footprint fits `budget`; at least `min_tokens` or an Error.
+/// The largest token count C in [limits.min, limits.max] whose footprint fits `budget` (else an Error).
 template <class KeyQ, class ValueQ>
   requires detail::QuantizerOrScheme<KeyQ> && detail::QuantizerOrScheme<ValueQ>
 index_t capacity_for(Budget budget, const Shape& shape, const KeyQ& key_q, const ValueQ& value_q, index_t residual = 0,
-                     index_t min_tokens = 0) {
+                     TokenLimits limits = {}) {
   CacheOptions o;
   o.residual = residual;
   const auto r = detail::resolve(shape, key_q, value_q, o, "residual");
-  return detail::capacity(budget, shape, r.key, r.value, r.residual, min_tokens);
+  return detail::capacity(budget, shape, r.key, r.value, r.residual, limits);
 }
 
 /// capacity_for() for default-constructed quantizers, e.g. capacity_for<Kivi<4>>(budget, shape).
 template <class KeyQ, class ValueQ = KeyQ>
   requires detail::QuantizerOrScheme<KeyQ> && detail::QuantizerOrScheme<ValueQ>
-index_t capacity_for(Budget budget, const Shape& shape, CacheOptions options = {}, index_t min_tokens = 0) {
+index_t capacity_for(Budget budget, const Shape& shape, CacheOptions options = {}, TokenLimits limits = {}) {
   const auto r = detail::resolve(shape, KeyQ{}, ValueQ{}, options, "options.residual");
-  return detail::capacity(budget, shape, r.key, r.value, r.residual, min_tokens);
+  return detail::capacity(budget, shape, r.key, r.value, r.residual, limits);
 }
 
 /// The least capacity `selector.validate(capacity, layer)` accepts (SnapKV/H2O/PyramidKV: the
@@ -337,9 +381,9 @@ inline std::size_t footprint(const Shape& shape, const QuantSpec& quant, index_t
 }
 
 /// The largest token count whose footprint under `quant` fits `budget` (see capacity_for above).
-inline index_t capacity_for(Budget budget, const Shape& shape, const QuantSpec& quant, index_t min_tokens = 0) {
+inline index_t capacity_for(Budget budget, const Shape& shape, const QuantSpec& quant, TokenLimits limits = {}) {
   return detail::visit_spec(quant, shape, "quant", [&](const auto& k, const auto& v) {
-    return detail::capacity(budget, shape, k, v, quant.residual, min_tokens);
+    return detail::capacity(budget, shape, k, v, quant.residual, limits);
   });
 }
 
@@ -362,12 +406,12 @@ inline double bits_per_element(std::size_t bytes, const Shape& shape, index_t to
 // ---------------------------------------------------------------------------------------------
 // The token / precision table of one layer
 
-/// One bit width of plan_table(). Token counts are capped at the prompt length N (no selector keeps
-/// more tokens than the prompt has); bytes are the exact footprint of the (capped) count.
+/// One bit width of plan_table(). Token counts are limited to the prompt length N (no selector keeps
+/// more tokens than the prompt has); bytes are the exact footprint of the count.
 struct PlanRow {
   int bits = 16;
-  index_t capacity = 0;               ///< capacity_for() under exact accounting (uncapped)
-  index_t tokens = 0;                 ///< min(capacity, N)
+  index_t capacity = 0;               ///< capacity_for() under exact accounting, no limit
+  index_t tokens = 0;                 ///< capacity_for() with limits.max = N (may be < min(capacity, N))
   std::size_t bytes = 0;              ///< footprint(tokens) <= budget
   double effective_bits = 0;          ///< bits_per_element(bytes, tokens)
   index_t nominal_tokens = 0;         ///< min(nominal_tokens(budget, bits), N)
@@ -391,7 +435,7 @@ inline std::vector<PlanRow> plan_table(const Shape& shape, index_t full_tokens, 
     PlanRow r;
     r.bits = b;
     r.capacity = capacity_for(budget, shape, q);
-    r.tokens = std::min(r.capacity, full_tokens);
+    r.tokens = capacity_for(budget, shape, q, TokenLimits{1, full_tokens});
     r.bytes = footprint(shape, q, r.tokens);
     r.effective_bits = bits_per_element(r.bytes, shape, r.tokens);
     r.nominal_tokens = std::min(nominal_tokens(budget, shape, b), full_tokens);
@@ -496,7 +540,7 @@ inline void add_layer(ModelPlan& m, LayerPlan p) {
 }  // namespace detail
 
 /// Equal bytes per layer (LayerQuant): layer l gets capacity_for(per_layer, shape, quant_of(l),
-/// min_capacity(selector, l)) and keeps selector.kept_tokens(N, capacity, l) tokens. Layers with
+/// {max(1, min_capacity(selector, l)), N}) and keeps selector.kept_tokens(N, capacity, l) tokens. Layers with
 /// fewer bits get more tokens; every layer's bytes <= per_layer, so the total <= layers x per_layer
 /// (use Budget::split for a model-wide budget). A selector that keeps more than its capacity at
 /// some layer (PyramidKV for N > capacity; KeepAll for N > capacity) breaks that: an Error says
@@ -510,7 +554,8 @@ ModelPlan plan_model(const ModelSpec& spec, Budget per_layer, const Sel& selecto
   m.full_fp16_bytes = detail::checked_mul(fp16_bytes(spec.shape, spec.full_tokens), spec.layers, "full_fp16_bytes");
   for (index_t l = 0; l < spec.layers; ++l) {
     const LayerInfo li{l, spec.layers};
-    const index_t cap = capacity_for(per_layer, spec.shape, spec.quant_of(l), min_capacity(selector, li));
+    const TokenLimits limits{std::max<index_t>(1, min_capacity(selector, li)), spec.full_tokens};
+    const index_t cap = capacity_for(per_layer, spec.shape, spec.quant_of(l), limits);
     const index_t kept = static_cast<index_t>(selector.kept_tokens(spec.full_tokens, cap, li));
     LayerPlan p = detail::layer_plan(spec, l, cap, kept);
     detail::require(static_cast<std::int64_t>(p.bytes) <= per_layer.bytes,
