@@ -9,12 +9,15 @@
 // through AnySelector. Group size, residual, zero point and outliers are run-time members of the
 // quantizers, so they need no instantiations.
 //
-// Bit pairs: all 36 pairs of {1, 2, 3, 4, 8, 16} are instantiated (kAnyBitPairs; compiling a TU
-// that uses AnyCompressedKV costs ~25 s with g++ 12 -O2; see docs). Define QPKV_ANY_BIT_PAIRS_REDUCED
-// before including this header to instantiate only KB == VB and the mixed pairs the KIVI and
-// quantized-pruning papers run (k4v2, k2v4, k8v4, k4v8, k8v2, k2v8, k16v4, k4v16, k16v2, k2v16,
-// k16v8, k8v16: 18 pairs). A config naming a pair that is not instantiated is a qpkv::Error listing
-// the ones that are.
+// Bit pairs (kAnyBitPairs): every pair costs one CompressedKV instantiation (packing, fused
+// attention) in each TU that uses AnyCompressedKV. With all 36 pairs of {1, 2, 3, 4, 8, 16},
+// tests/test_any_cache.cpp took 62-67 s to compile (g++ 12, -O3, a loaded 2-core machine; a minimal
+// float-only user TU 28 s), so by default 18 pairs are instantiated (test TU 40 s, minimal TU
+// 19 s): KB == VB, the mixed pairs of key/value asymmetry studies (k4v2, k2v4, k8v4, k4v8, k8v2,
+// k2v8) and fp16 on one side (k16v4, k4v16, k16v2, k2v16, k16v8, k8v16). Define
+// QPKV_ANY_ALL_BIT_PAIRS for all 36, the same way in every TU of a program: the choice names the
+// inline namespace of everything below, so a mix fails to link instead of breaking the ODR.
+// A config naming a pair that is not instantiated is a qpkv::Error listing the ones that are.
 //
 // Fixed choices (not in KVConfig): keys are quantized per channel over token groups and values per
 // token over channel groups (KIVI); scales and mins are stored as fp16; the same group, zero point
@@ -77,7 +80,15 @@
 #include "qpkv/quant/kivi.hpp"
 #include "qpkv/select/any_selector.hpp"
 
+// The instantiated pair set is part of every type and function below (see the header comment).
+#if defined(QPKV_ANY_ALL_BIT_PAIRS)
+#define QPKV_ANY_PAIRS_NAMESPACE any_all_pairs
+#else
+#define QPKV_ANY_PAIRS_NAMESPACE any_reduced_pairs
+#endif
+
 namespace qpkv {
+inline namespace QPKV_ANY_PAIRS_NAMESPACE {
 
 /// A (key bits, value bits) pair.
 struct BitPair {
@@ -90,13 +101,7 @@ struct BitPair {
 inline constexpr std::array<int, 6> kBitWidths = {1, 2, 3, 4, 8, 16};
 
 /// The (key, value) bit pairs AnyCompressedKV instantiates (see the header comment).
-#if defined(QPKV_ANY_BIT_PAIRS_REDUCED)
-inline constexpr std::array<BitPair, 18> kAnyBitPairs = {{
-    {1, 1}, {2, 2}, {3, 3}, {4, 4}, {8, 8}, {16, 16},
-    {4, 2}, {2, 4}, {8, 4}, {4, 8}, {8, 2}, {2, 8},
-    {16, 4}, {4, 16}, {16, 2}, {2, 16}, {16, 8}, {8, 16},
-}};
-#else
+#if defined(QPKV_ANY_ALL_BIT_PAIRS)
 inline constexpr std::array<BitPair, 36> kAnyBitPairs = [] {
   std::array<BitPair, 36> pairs{};
   std::size_t i = 0;
@@ -104,6 +109,12 @@ inline constexpr std::array<BitPair, 36> kAnyBitPairs = [] {
     for (int v : kBitWidths) pairs[i++] = BitPair{k, v};
   return pairs;
 }();
+#else
+inline constexpr std::array<BitPair, 18> kAnyBitPairs = {{
+    {1, 1}, {2, 2}, {3, 3}, {4, 4}, {8, 8}, {16, 16},
+    {4, 2}, {2, 4}, {8, 4}, {4, 8}, {8, 2}, {2, 8},
+    {16, 4}, {4, 16}, {16, 2}, {2, 16}, {16, 8}, {8, 16},
+}};
 #endif
 
 /// True if AnyCompressedKV has an instantiation for (key_bits, value_bits).
@@ -113,7 +124,9 @@ constexpr bool any_supports(BitPair p) {
   return false;
 }
 
-namespace detail {
+namespace any_detail {
+using namespace qpkv::detail;
+
 
 inline std::string bits_token(int key_bits, int value_bits) {
   if (key_bits == 16 && value_bits == 16) return "fp16";
@@ -159,7 +172,7 @@ T parse_number(std::string_view text, std::string_view field, std::string_view e
   return x;
 }
 
-}  // namespace detail
+}  // namespace any_detail
 
 /// A compression setup as run-time data: selection method and its parameters, key/value bit widths
 /// and the quantizers' parameters. Field names equal the text form's keys (see the header comment).
@@ -191,11 +204,11 @@ struct KVConfig {
     const auto m = static_cast<int>(method);
     detail::require(m >= 0 && m < static_cast<int>(kMethods.size()), "KVConfig.method",
                     "keep_all, streamingllm, snapkv, h2o or pyramidkv", m);
-    detail::require(detail::is_bit_width(key_bits), "KVConfig.key_bits", "one of 1, 2, 3, 4, 8, 16", key_bits);
-    detail::require(detail::is_bit_width(value_bits), "KVConfig.value_bits", "one of 1, 2, 3, 4, 8, 16", value_bits);
+    detail::require(any_detail::is_bit_width(key_bits), "KVConfig.key_bits", "one of 1, 2, 3, 4, 8, 16", key_bits);
+    detail::require(any_detail::is_bit_width(value_bits), "KVConfig.value_bits", "one of 1, 2, 3, 4, 8, 16", value_bits);
     detail::require(any_supports({key_bits, value_bits}), "KVConfig.key_bits/value_bits",
-                    detail::concat("a pair AnyCompressedKV instantiates (", detail::supported_pairs_list(), ")"),
-                    detail::bits_token(key_bits, value_bits));
+                    detail::concat("a pair AnyCompressedKV instantiates (", any_detail::supported_pairs_list(), ")"),
+                    any_detail::bits_token(key_bits, value_bits));
     detail::require(group >= 1 && group <= 4096, "KVConfig.group", "in [1, 4096]", group);
     detail::require(residual >= 0, "KVConfig.residual", ">= 0", residual);
     detail::require(zero == ZeroPoint::minmax || zero == ZeroPoint::hqq, "KVConfig.zero", "minmax or hqq",
@@ -274,7 +287,9 @@ struct KVConfig {
   [[nodiscard]] std::vector<std::string_view> keys() const;
 };
 
-namespace detail {
+namespace any_detail {
+using namespace qpkv::detail;
+
 
 /// One `key=value` of the text form: when it applies, how it is written and read.
 struct ConfigKey {
@@ -398,18 +413,18 @@ inline bool read_bits(std::string_view t, KVConfig& c) {
   return false;
 }
 
-}  // namespace detail
+}  // namespace any_detail
 
 inline std::vector<std::string_view> KVConfig::keys() const {
   std::vector<std::string_view> names;
-  for (const detail::ConfigKey& k : detail::config_keys())
+  for (const any_detail::ConfigKey& k : any_detail::config_keys())
     if (k.applies(*this)) names.push_back(k.name);
   return names;
 }
 
 inline std::string KVConfig::to_string() const {
-  std::string s = std::string(method_name(method)) + "," + detail::bits_token(key_bits, value_bits);
-  for (const detail::ConfigKey& k : detail::config_keys())
+  std::string s = std::string(method_name(method)) + "," + any_detail::bits_token(key_bits, value_bits);
+  for (const any_detail::ConfigKey& k : any_detail::config_keys())
     if (k.applies(*this)) s += detail::concat(",", k.name, "=", k.write(*this));
   return s;
 }
@@ -419,7 +434,7 @@ inline KVConfig KVConfig::parse(std::string_view text) {
   std::vector<std::string_view> tokens;
   for (std::size_t start = 0;;) {
     const std::size_t comma = text.find(',', start);
-    tokens.push_back(detail::trim(text.substr(start, comma == std::string_view::npos ? comma : comma - start)));
+    tokens.push_back(any_detail::trim(text.substr(start, comma == std::string_view::npos ? comma : comma - start)));
     if (comma == std::string_view::npos) break;
     start = comma + 1;
   }
@@ -435,24 +450,24 @@ inline KVConfig KVConfig::parse(std::string_view text) {
   if (!found)
     throw Error(detail::concat("qpkv: KVConfig.method: expected one of ", methods, " as the first token of \"",
                                text, "\", got '", tokens[0], "'"));
-  const auto& keys = detail::config_keys();
+  const auto& keys = any_detail::config_keys();
   std::vector<std::string_view> all;
-  for (const detail::ConfigKey& k : keys) all.push_back(k.name);
+  for (const any_detail::ConfigKey& k : keys) all.push_back(k.name);
   std::vector<bool> given(keys.size(), false);
   for (std::size_t i = 1; i < tokens.size(); ++i) {
     const std::string_view t = tokens[i];
     const std::size_t eq = t.find('=');
     if (eq == std::string_view::npos) {
-      if (i == 1 && detail::read_bits(t, c)) continue;
+      if (i == 1 && any_detail::read_bits(t, c)) continue;
       throw Error(detail::concat("qpkv: KVConfig token ", i + 1, " of \"", text, "\": expected ",
                                  i == 1 ? "bits (fp16, kivi<b> or k<kb>v<vb> with b in 1, 2, 3, 4, 8, 16) or " : "",
                                  "key=value, got '", t, "'"));
     }
-    const std::string_view name = detail::trim(t.substr(0, eq)), value = detail::trim(t.substr(eq + 1));
+    const std::string_view name = any_detail::trim(t.substr(0, eq)), value = any_detail::trim(t.substr(eq + 1));
     std::size_t k = 0;
     while (k < keys.size() && keys[k].name != name) ++k;
     if (k == keys.size())
-      throw Error(detail::concat("qpkv: KVConfig key: expected one of ", detail::join(all), ", got '", name,
+      throw Error(detail::concat("qpkv: KVConfig key: expected one of ", any_detail::join(all), ", got '", name,
                                  "' in \"", text, "\""));
     if (given[k])
       throw Error(detail::concat("qpkv: KVConfig.", name, ": expected at most once, got it twice in \"", text, "\""));
@@ -464,33 +479,35 @@ inline KVConfig KVConfig::parse(std::string_view text) {
     if (given[k] && !keys[k].applies(c)) {
       const std::vector<std::string_view> ok = c.keys();
       throw Error(detail::concat("qpkv: KVConfig.", keys[k].name, ": expected a key that applies to ",
-                                 method_name(c.method), ",", detail::bits_token(c.key_bits, c.value_bits),
+                                 method_name(c.method), ",", any_detail::bits_token(c.key_bits, c.value_bits),
                                  c.method == Method::streamingllm
-                                     ? detail::concat(",streaming=", detail::enum_text(c.streaming, detail::kStreamingNames))
+                                     ? detail::concat(",streaming=", any_detail::enum_text(c.streaming, any_detail::kStreamingNames))
                                      : std::string(),
-                                 " (", detail::join(ok), "), got ", keys[k].name));
+                                 " (", any_detail::join(ok), "), got ", keys[k].name));
     }
   c.validate();
   return c;
 }
 
-namespace detail {
+namespace any_detail {
+using namespace qpkv::detail;
+
 template <int KB, int VB>
 using AnyCacheAlternative = CompressedKV<AnySelector, QuantizerFor<KB>, QuantizerFor<VB>>;
 
 template <std::size_t... I>
 auto any_cache_variant(std::index_sequence<I...>)
     -> std::variant<AnyCacheAlternative<kAnyBitPairs[I].key, kAnyBitPairs[I].value>...>;
-}  // namespace detail
+}  // namespace any_detail
 
 /// A CompressedKV chosen at run time from a KVConfig; the same API, the same bytes and results as
 /// the equivalent CompressedKV<Selector, QuantizerFor<KB>, QuantizerFor<VB>> (see the header comment).
 class AnyCompressedKV {
  public:
   /// Alternative i is cache_type<kAnyBitPairs[i].key, kAnyBitPairs[i].value>.
-  using variant_type = decltype(detail::any_cache_variant(std::make_index_sequence<kAnyBitPairs.size()>{}));
+  using variant_type = decltype(any_detail::any_cache_variant(std::make_index_sequence<kAnyBitPairs.size()>{}));
   template <int KB, int VB>
-  using cache_type = detail::AnyCacheAlternative<KB, VB>;
+  using cache_type = any_detail::AnyCacheAlternative<KB, VB>;
 
   /// Validates `config` (qpkv::Error naming the field) and builds the cache for its bit pair.
   /// softmax_scale: 0 means 1/sqrt(head_dim).
@@ -593,4 +610,7 @@ class AnyCompressedKV {
   variant_type cache_;
 };
 
+}  // inline namespace QPKV_ANY_PAIRS_NAMESPACE
 }  // namespace qpkv
+
+#undef QPKV_ANY_PAIRS_NAMESPACE
