@@ -3,10 +3,12 @@
 //   selectors   KeepAll, StreamingLLM, SnapKV, H2O, PyramidKV          (qpkv/select/)
 //   quantizers  Affine<Bits>, Fp16, Kivi<K, V, Group, Residual>        (qpkv/quant/)
 //   cache       CompressedKV<Selector, KeyQ, ValueQ, Backend>, budget planner (qpkv/cache/)
+//   runtime     AnyCompressedKV + KVConfig ("snapkv,kivi4,group=64")   (qpkv/cache/any_cache.hpp)
 //   reference   dense_attention                                        (qpkv/attention/)
 #pragma once
 
 #include "qpkv/attention/dense.hpp"
+#include "qpkv/cache/any_cache.hpp"
 #include "qpkv/cache/budget.hpp"
 #include "qpkv/cache/compressed_kv.hpp"
 #include "qpkv/core/dtype.hpp"
