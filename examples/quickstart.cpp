@@ -54,15 +54,6 @@ Layer make_layer(qpkv::Shape s, qpkv::index_t n, unsigned seed) {
   return L;
 }
 
-double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
 }  // namespace
 
 int main() {
@@ -98,13 +89,13 @@ int main() {
         q[h * shape.head_dim + c] = L.q[(h * (n + decode_queries) + n + step) * shape.head_dim + c];
     qpkv::dense_attention(keys, values, q.data(), shape.q_heads, ref.data());
     fp16.attend(q.data(), out.data());
-    err[0] += rel_l2(out, ref) / decode_queries;
+    err[0] += qpkv::relative_l2(out, ref) / decode_queries;
     kivi8.attend(q.data(), out.data());
-    err[1] += rel_l2(out, ref) / decode_queries;
+    err[1] += qpkv::relative_l2(out, ref) / decode_queries;
     kivi4.attend(q.data(), out.data());
-    err[2] += rel_l2(out, ref) / decode_queries;
+    err[2] += qpkv::relative_l2(out, ref) / decode_queries;
     kivi2.attend(q.data(), out.data());
-    err[3] += rel_l2(out, ref) / decode_queries;
+    err[3] += qpkv::relative_l2(out, ref) / decode_queries;
   }
   std::printf("layer: %lld tokens, %lld KV heads x %lld query heads, head_dim %lld; full fp16 cache %lld bytes\n",
               static_cast<long long>(n), static_cast<long long>(shape.kv_heads), static_cast<long long>(shape.q_heads),

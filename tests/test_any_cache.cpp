@@ -8,20 +8,15 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
 #include "qpkv/cache/any_cache.hpp"
 #include "qpkv/select/any_selector.hpp"
 
 using namespace qpkv;
 
-namespace {
+using testing::randn;
 
-std::vector<float> randn(std::size_t n, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+namespace {
 
 template <class T>
 std::vector<T> as(const std::vector<float>& x) {

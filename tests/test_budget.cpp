@@ -9,21 +9,16 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
 #include "qpkv/cache/budget.hpp"
 #include "qpkv/cache/compressed_kv.hpp"
 #include "qpkv/select/select.hpp"
 
 using namespace qpkv;
 
-namespace {
+using testing::randn;
 
-std::vector<float> randn(std::size_t n, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+namespace {
 
 CacheOptions residual_opt(index_t r) {
   CacheOptions o;

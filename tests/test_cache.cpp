@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "test_util.hpp"
 #include "qpkv/attention/dense.hpp"
 #include "qpkv/cache/compressed_kv.hpp"
 #include "qpkv/select/keep_all.hpp"
@@ -15,15 +16,9 @@
 
 using namespace qpkv;
 
-namespace {
+using testing::randn;
 
-std::vector<float> randn(std::size_t n, unsigned seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+namespace {
 
 /// A selector that keeps every other token plus the last one: exercises gathering.
 struct EveryOther {
@@ -44,15 +39,6 @@ struct EveryOther {
 };
 static_assert(TokenSelector<EveryOther>);
 
-double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
 /// attend() on the packed cache vs float64 attention over dequantize(): the kernel's own error.
 template <class Cache>
 double kernel_error(const Cache& cache, unsigned seed) {
@@ -62,7 +48,7 @@ double kernel_error(const Cache& cache, unsigned seed) {
   cache.attend(q.data(), out.data());
   const DenseKV d = cache.dequantize();
   dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), cache.softmax_scale());
-  return rel_l2(out, ref);
+  return relative_l2(out, ref);
 }
 
 template <class KQ, class VQ = KQ, class Sel = KeepAll>
@@ -262,9 +248,9 @@ TEST_CASE("SnapKV + KIVI-4 on the case-a conformance layer keeps the reference c
     for (index_t c = 0; c < 64; ++c) qd[h * 64 + c] = q[(h * 512 + 511) * 64 + c];
   cache.attend(qd.data(), out.data());
   dense_attention(view(k.data(), 4, 512, 64), view(v.data(), 4, 512, 64), qd.data(), 4, full.data());
-  MESSAGE("SnapKV cap 128 + KIVI-4 vs full layer, last query: rel err " << rel_l2(out, full) << ", " << cache.bytes()
+  MESSAGE("SnapKV cap 128 + KIVI-4 vs full layer, last query: rel err " << relative_l2(out, full) << ", " << cache.bytes()
                                                                        << " bytes vs " << 2 * 4 * 512 * 64 * 2 << " fp16");
-  CHECK(rel_l2(out, full) < 0.2);
+  CHECK(relative_l2(out, full) < 0.2);
 }
 
 #if defined(_OPENMP)

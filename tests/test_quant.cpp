@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "test_util.hpp"
 #include "qpkv/quant/affine_quantizer.hpp"
 #include "qpkv/quant/fp16.hpp"
 #include "qpkv/quant/kivi.hpp"
@@ -12,15 +13,9 @@
 
 using namespace qpkv;
 
-namespace {
+using testing::randn;
 
-std::vector<float> randn(std::size_t n, unsigned seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+namespace {
 
 template <int Bits>
 void check_pack_roundtrip(std::size_t n, unsigned seed) {

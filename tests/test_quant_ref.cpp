@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "qpkv/attention/dense.hpp"
 #include "qpkv/io/npy.hpp"
 #include "qpkv/quant/affine_quantizer.hpp"
 
@@ -63,16 +64,6 @@ Result run(char tensor, index_t gs, ZeroPoint zp, int iters) {
   return r;
 }
 
-/// Relative Frobenius error over the full tensor, float64.
-double rel_err(const std::vector<float>& x, const std::vector<float>& y) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
-    den += double(x[i]) * x[i];
-  }
-  return std::sqrt(num / den);
-}
-
 /// Element (h, t, c) of the stored slice as a flat index into our (H, N, D) arrays.
 index_t full_index(index_t i) {
   const index_t h = i / (SN * D), t = (i / D) % SN, c = i % D;
@@ -125,7 +116,7 @@ void check_hqq(char tensor, index_t gs, bool optimize, const nlohmann::json& met
     code_diff += r.codes[full_index(i)] != codes[i];
     worst_deq = std::max(worst_deq, std::fabs(double(r.deq[full_index(i)]) - deq[i]));
   }
-  const double ours = rel_err(input(tensor), r.deq);
+  const double ours = relative_l2(r.deq, input(tensor));
   const double ref = meta["rel_err"][s].get<double>();
   CAPTURE(ours);
   CAPTURE(ref);

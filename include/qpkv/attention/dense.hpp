@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 #include <cmath>
+#include <span>
 #include <vector>
 
 #include "qpkv/core/error.hpp"
@@ -44,6 +45,18 @@ void dense_attention(const TensorView<T>& keys, const TensorView<T>& values, con
       for (index_t c = 0; c < D; ++c) out[(h * g + i) * D + c] = static_cast<float>(o(c));
     }
   }
+}
+
+/// ||a - ref||_2 / ||ref||_2 in double: the error measure of the tests, examples and benchmarks.
+inline double relative_l2(std::span<const float> a, std::span<const float> ref) {
+  detail::require(a.size() == ref.size(), "a.size()", detail::concat(ref.size(), " (ref.size())"), a.size());
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(ref[i]);
+    num += d * d;
+    den += static_cast<double>(ref[i]) * static_cast<double>(ref[i]);
+  }
+  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 }  // namespace qpkv

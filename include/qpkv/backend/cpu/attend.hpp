@@ -39,6 +39,13 @@ struct Scratch {
   std::vector<float> tmp;           // g x D per-group partial sums
 };
 
+/// Unpacks the B code rows of an Affine part into B x D bytes (once per block, for all queries).
+template <int Bits>
+void unpack_rows(const std::uint8_t* part, const AffineLayout& l, index_t B, index_t D, std::uint8_t* codes) {
+  for (index_t t = 0; t < B; ++t)
+    quant::unpack<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D), codes + t * D);
+}
+
 /// logits[i * B + t] = q_i . k_t for the B tokens of a key part (unscaled).
 template <class KQ>
 void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, const float* q, index_t g,
@@ -49,9 +56,7 @@ void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, co
       using ST = typename KQ::scale_type;
       const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
       const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
-      for (index_t t = 0; t < B; ++t)
-        quant::unpack<KQ::bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D),
-                                s.codes.data() + t * D);
+      unpack_rows<KQ::bits>(part, l, B, D, s.codes.data());
       if (kq.axis == Axis::channel) {
         const index_t G = kq.group;
         for (index_t gt = 0; gt < B / G; ++gt)
@@ -110,9 +115,7 @@ void accumulate_values(const VQ& vq, const std::uint8_t* part, index_t B, index_
       using ST = typename VQ::scale_type;
       const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
       const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
-      for (index_t t = 0; t < B; ++t)
-        quant::unpack<VQ::bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D),
-                                s.codes.data() + t * D);
+      unpack_rows<VQ::bits>(part, l, B, D, s.codes.data());
       const index_t G = vq.group;
       if (vq.axis == Axis::token) {
         const index_t per_row = (D + G - 1) / G;
