@@ -71,6 +71,10 @@ index_t residual_of(const Q& q) {
 }
 }  // namespace detail
 
+namespace detail {
+struct CacheFileAccess;  // cache/serialize.hpp: save/load read and restore the private state
+}  // namespace detail
+
 /// Options of a cache that belong to neither policy.
 struct CacheOptions {
   index_t residual = 0;  ///< recent tokens kept in fp16 (max'ed with a KV scheme's own residual)
@@ -400,6 +404,8 @@ class CompressedKV {
     layout_ = nl;
     data_ = std::move(nd);
   }
+
+  friend struct detail::CacheFileAccess;
 
   Shape shape_;
   Selector selector_;
