@@ -34,7 +34,10 @@ Method method_of(const std::string& name) {
 
 std::string method_list(const std::vector<Method>& ms) {
   std::string s;
-  for (Method m : ms) s += (s.empty() ? "" : ", ") + std::string(method_name(m));
+  for (Method m : ms) {
+    if (!s.empty()) s += ", ";
+    s += method_name(m);
+  }
   return s;
 }
 

@@ -65,7 +65,10 @@ inline const DtypeInfo* find_dtype(std::string_view name) {
 
 inline std::string dtype_list() {
   std::string s;
-  for (const DtypeInfo& d : kDtypes) s += (s.empty() ? "" : ", ") + std::string(d.name);
+  for (const DtypeInfo& d : kDtypes) {
+    if (!s.empty()) s += ", ";
+    s += d.name;
+  }
   return s;
 }
 
@@ -291,7 +294,10 @@ inline std::uint64_t to_count(const Json& v, std::uint64_t limit, const std::str
 
 inline std::string shape_text(const std::vector<std::int64_t>& shape) {
   std::string s = "(";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
   return s + ")";
 }
 
@@ -453,7 +459,10 @@ inline NpyArray Safetensors::tensor(std::string_view name) const {
   const SafetensorsInfo* t = find(name);
   if (!t) {
     std::string all;
-    for (const SafetensorsInfo& e : tensors_) all += (all.empty() ? "" : ", ") + e.name;
+    for (const SafetensorsInfo& e : tensors_) {
+      if (!all.empty()) all += ", ";
+      all += e.name;
+    }
     throw Error(qpkv::detail::concat("qpkv::io: ", path_, ": no tensor '", name, "' (the file has: ",
                                all.empty() ? "none" : all, ")"));
   }
@@ -482,7 +491,11 @@ inline void save_safetensors(const std::string& path, const std::vector<std::pai
     header += "\"__metadata__\":{";
     bool first = true;
     for (const auto& [k, v] : metadata) {
-      header += (first ? "\"" : ",\"") + st_detail::json_escape(k) + "\":\"" + st_detail::json_escape(v) + "\"";
+      header += first ? "\"" : ",\"";
+      header += st_detail::json_escape(k);
+      header += "\":\"";
+      header += st_detail::json_escape(v);
+      header += "\"";
       first = false;
     }
     header += "}";
@@ -498,10 +511,20 @@ inline void save_safetensors(const std::string& path, const std::vector<std::pai
     if (bytes != a.bytes.size())
       throw Error(qpkv::detail::concat("qpkv::io: ", path, ": tensor '", name, "': expected ", bytes,
                                  " bytes for its shape, got ", a.bytes.size()));
-    header += (header.size() > 1 ? "," : "") + std::string("\"") + st_detail::json_escape(name) + "\":{\"dtype\":\"" +
-              std::string(d->name) + "\",\"shape\":[";
-    for (std::size_t i = 0; i < a.shape.size(); ++i) header += (i ? "," : "") + std::to_string(a.shape[i]);
-    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + bytes) + "]}";
+    header += header.size() > 1 ? ",\"" : "\"";
+    header += st_detail::json_escape(name);
+    header += "\":{\"dtype\":\"";
+    header += d->name;
+    header += "\",\"shape\":[";
+    for (std::size_t i = 0; i < a.shape.size(); ++i) {
+      if (i) header += ",";
+      header += std::to_string(a.shape[i]);
+    }
+    header += "],\"data_offsets\":[";
+    header += std::to_string(offset);
+    header += ",";
+    header += std::to_string(offset + bytes);
+    header += "]}";
     offset += bytes;
   }
   header += "}";
