@@ -1,0 +1,558 @@
+// qpkv/backend/cpu/attend_avx512.hpp - AVX-512 kernels of the CPU decode attention (compiled when
+// simd.hpp sees AVX-512F/BW/VL/DQ, F16C and FMA; VNNI adds the integer q.k of AttendPrecision::fast).
+//
+// One call handles a work item of attend.hpp: KV head h, blocks [b0, b1) and optionally the fp16
+// residual, for the g query heads of the head's GQA group, leaving an online-softmax partial
+// (running max m, sum l, unnormalised output acc in natural channel order). What makes it fast,
+// in the order it mattered (issue 4):
+//  - software prefetch one page (4 KiB) ahead of the block being read: the hardware prefetcher
+//    alone leaves the loop waiting on DRAM;
+//  - keys (KIVI per-channel groups): 16 tokens at a time, their packed code rows transposed as
+//    16x16 dwords so each vector lane is one token; a channel's codes are then one shift + mask
+//    away, and q.k accumulates with tokens in lanes (no horizontal sums). Per key group the
+//    per-channel scales are folded into the query once: q.k = sum_c (q_c s_c) code_c +
+//    sum_c q_c m_c. Exact: float FMAs on centred codes (code - 2^(b-1), exact in float,
+//    so the two sums do not cancel). Fast: vpdpbusd of the unsigned codes with the folded query
+//    rounded to 16 bits in two signed 8-bit parts (hi * 256 + lo);
+//  - values (KIVI per-token groups): each 16-byte slice of a code row is widened once to 16
+//    dwords; shifting gives the 8/b vectors of codes (lane j of vector k = channel (8/b) j + k),
+//    dequantized with the token's scale and min per lane and accumulated for all g queries;
+//    accumulators stay in registers for a whole block and are permuted to and from natural
+//    channel order at the block boundary only;
+//  - softmax with a vectorised exp (Cephes expf polynomial, about 1 ulp).
+#pragma once
+
+#include "qpkv/backend/cpu/simd.hpp"
+
+#if defined(QPKV_CPU_AVX512)
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "qpkv/cache/layout.hpp"
+#include "qpkv/core/dtype.hpp"
+#include "qpkv/quant/affine_quantizer.hpp"
+
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their
+// "__m512 __Y = __Y;" placeholders) once they are inlined here; the warning is spurious.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace qpkv::cpu::avx512 {
+
+/// One work item's online-softmax state: m[g], l[g], acc[g * D] (natural channel order).
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
+
+/// Bytes of look-ahead for software prefetch: about one page (issue 4, prototype finding 1).
+inline constexpr std::size_t kPrefetchDistance = 4096;
+
+inline void prefetch_range(const std::uint8_t* p, std::size_t bytes) {
+  for (std::size_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+}
+
+/// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, scalef); x below
+/// -87.3 gives 0.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, fx));
+}
+
+inline __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+
+/// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
+/// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.
+inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, const Partial& p) {
+  for (index_t i = 0; i < g; ++i) {
+    float* x = logits + i * stride;
+    __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (index_t t = 0; t < n; t += 16) vm = _mm512_max_ps(vm, _mm512_maskz_loadu_ps(tail_mask(n - t), x + t));
+    const float bm = std::max(_mm512_reduce_max_ps(vm), -std::numeric_limits<float>::max());
+    const float mold = p.m[i], mnew = std::max(mold, bm);
+    if (mnew > mold) {
+      const float alpha = mold == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(mold - mnew);
+      p.l[i] *= alpha;
+      const __m512 va = _mm512_set1_ps(alpha);
+      float* a = p.acc + i * D;
+      for (index_t c = 0; c < D; c += 16) {
+        const __mmask16 mk = tail_mask(D - c);
+        _mm512_mask_storeu_ps(a + c, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, a + c), va));
+      }
+      p.m[i] = mnew;
+    }
+    const __m512 vmn = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (index_t t = 0; t < n; t += 16) {
+      const __mmask16 mk = tail_mask(n - t);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + t), vmn)));
+      _mm512_mask_storeu_ps(x + t, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    p.l[i] += _mm512_reduce_add_ps(sum);
+  }
+}
+
+/// Sums of four vectors in lanes 0..3 (a, b, c, d).
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // swap 64-bit halves of each 128-bit lane
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // swap neighbours
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
+/// In-register transpose of 16 x 16 dwords: afterwards r[c] lane t = old r[t] lane c.
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3; u[4i + k] lane L = rows 4i..4i+3 of column 4L + k
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp16 rows (Fp16 caches and every cache's residual)
+
+/// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
+/// (bytes). q: g x D pre-scaled queries. Updates the partial.
+inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb, std::size_t vstride,
+                        index_t n, index_t D, const float* q, index_t g, const Partial& p, bool prefetch) {
+  constexpr index_t kTile = 32;
+  float logits[8 * kTile];
+  const index_t gt = std::min<index_t>(g, 8);  // query heads per pass (logits scratch)
+  for (index_t t0 = 0; t0 < n; t0 += kTile) {
+    const index_t nt = std::min(kTile, n - t0);
+    if (prefetch)  // Fp16 cache blocks: key and value rows of a token are adjacent, kstride apart
+      prefetch_range(kb + t0 * kstride + kPrefetchDistance, static_cast<std::size_t>(nt) * kstride);
+    for (index_t qi = 0; qi < g; qi += gt) {
+      const index_t nq = std::min(gt, g - qi);
+      // logits
+      for (index_t t = 0; t < nt; ++t) {
+        const auto* kr = reinterpret_cast<const __m256i*>(kb + (t0 + t) * kstride);
+        index_t i = 0;
+        for (; i + 4 <= nq; i += 4) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          const float* qq = q + (qi + i) * D;
+          for (index_t c = 0; c < D; c += 16) {
+            const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256(kr + c / 16));
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qq + c), k, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qq + D + c), k, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qq + 2 * D + c), k, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qq + 3 * D + c), k, a3);
+          }
+          alignas(16) float s[4];
+          _mm_store_ps(s, hsum4(a0, a1, a2, a3));
+          for (int j = 0; j < 4; ++j) logits[(i + j) * kTile + t] = s[j];
+        }
+        for (; i < nq; ++i) {
+          __m512 a0 = _mm512_setzero_ps();
+          const float* qq = q + (qi + i) * D;
+          for (index_t c = 0; c < D; c += 16)
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qq + c), _mm512_cvtph_ps(_mm256_loadu_si256(kr + c / 16)), a0);
+          logits[i * kTile + t] = _mm512_reduce_add_ps(a0);
+        }
+      }
+      const Partial pq{p.m + qi, p.l + qi, p.acc + qi * D};
+      softmax_step(logits, nt, kTile, nq, D, pq);
+      // values: 64 channels x up to 4 queries of accumulators in registers, tokens inner
+      for (index_t i = 0; i < nq; i += 4) {
+        const index_t mq = std::min<index_t>(4, nq - i);
+        for (index_t c0 = 0; c0 < D; c0 += 64) {
+          const index_t nv = std::min<index_t>(4, (D - c0) / 16);
+          __m512 acc[4][4];
+          for (index_t j = 0; j < mq; ++j)
+            for (index_t v = 0; v < nv; ++v) acc[j][v] = _mm512_loadu_ps(pq.acc + (i + j) * D + c0 + 16 * v);
+          for (index_t t = 0; t < nt; ++t) {
+            const auto* vr = reinterpret_cast<const __m256i*>(vb + (t0 + t) * vstride);
+            __m512 vv[4];
+            for (index_t v = 0; v < nv; ++v) vv[v] = _mm512_cvtph_ps(_mm256_loadu_si256(vr + c0 / 16 + v));
+            for (index_t j = 0; j < mq; ++j) {
+              const __m512 w = _mm512_set1_ps(logits[(i + j) * kTile + t]);
+              for (index_t v = 0; v < nv; ++v) acc[j][v] = _mm512_fmadd_ps(w, vv[v], acc[j][v]);
+            }
+          }
+          for (index_t j = 0; j < mq; ++j)
+            for (index_t v = 0; v < nv; ++v) _mm512_storeu_ps(pq.acc + (i + j) * D + c0 + 16 * v, acc[j][v]);
+        }
+      }
+    }
+  }
+}
+
+/// The fp16 kernel covers head_dim multiples of 16.
+inline bool fp16_supported(index_t D) { return D % 16 == 0; }
+
+// ------------------------------------------------------------------------------------------------
+// KIVI: keys per channel (Affine<KB, half>, Axis::channel), values per token (Affine<VB, half>,
+// Axis::token), no outlier slots.
+
+/// Is the SIMD kernel defined for these parts? (Otherwise attend.hpp uses the portable one.)
+template <int KB, int VB>
+bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group) {
+  constexpr int vper = 8 / VB;
+  const bool key_ok = D % 16 == 0 && (D * KB) % 32 == 0 && key_group % 16 == 0 && B % key_group == 0;
+  const bool value_ok = (D * VB) % 128 == 0 && value_group % vper == 0;
+  return key_ok && value_ok;
+}
+
+/// Per-call constants of the value kernel: for each 16-byte slice u of a code row, the lane ->
+/// group index (relative to the slice's first group) and the natural <-> slice-order permutations.
+template <int VB>
+struct ValuePlan {
+  static constexpr int per = 8 / VB;    // codes per byte = vectors per slice
+  static constexpr int U = 16 * per;    // channels per slice
+  index_t D = 0, G = 0, per_row = 0;
+  std::vector<std::int32_t> grp_idx;    // [slice][16]
+  std::vector<index_t> grp0;            // [slice] first group of the slice
+
+  ValuePlan(index_t d, index_t g) : D(d), G(g), per_row((d + g - 1) / g) {
+    const index_t slices = D / U;
+    grp_idx.resize(static_cast<std::size_t>(slices * 16));
+    grp0.resize(static_cast<std::size_t>(slices));
+    for (index_t u = 0; u < slices; ++u) {
+      grp0[u] = (u * U) / G;
+      for (index_t j = 0; j < 16; ++j) grp_idx[u * 16 + j] = static_cast<std::int32_t>((u * U + per * j) / G - grp0[u]);
+    }
+  }
+};
+
+/// Natural channel order (per vectors of 16 consecutive channels) -> slice order (vector k lane j =
+/// channel per*j + k), and back.
+template <int Per>
+inline void to_slice_order(__m512* v) {
+  if constexpr (Per == 2) {
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512 a = _mm512_permutex2var_ps(v[0], ie, v[1]), b = _mm512_permutex2var_ps(v[0], io, v[1]);
+    v[0] = a;
+    v[1] = b;
+  } else if constexpr (Per == 4) {
+    __m512 out[4];
+    for (int k = 0; k < 4; ++k) {
+      // lane j takes channel 4j + k: j < 8 from v0/v1, j >= 8 from v2/v3 (index mod 32)
+      alignas(64) std::int32_t idx[16];
+      for (int j = 0; j < 16; ++j) idx[j] = (4 * j + k) % 32;
+      const __m512i vi = _mm512_load_si512(idx);
+      out[k] = _mm512_mask_blend_ps(0xFF00, _mm512_permutex2var_ps(v[0], vi, v[1]), _mm512_permutex2var_ps(v[2], vi, v[3]));
+    }
+    for (int k = 0; k < 4; ++k) v[k] = out[k];
+  }
+}
+
+template <int Per>
+inline void to_natural_order(__m512* v) {
+  if constexpr (Per == 2) {
+    const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512 a = _mm512_permutex2var_ps(v[0], i0, v[1]), b = _mm512_permutex2var_ps(v[0], i1, v[1]);
+    v[0] = a;
+    v[1] = b;
+  } else if constexpr (Per == 4) {
+    __m512 out[4];
+    for (int n = 0; n < 4; ++n) {
+      // natural lane c is channel ch = 16n + c, found in slice vector ch % 4, lane ch / 4
+      alignas(64) std::int32_t idx[16];
+      __mmask16 hi = 0;
+      for (int c = 0; c < 16; ++c) {
+        const int ch = 16 * n + c, k = ch % 4, j = ch / 4;
+        idx[c] = (k % 2) * 16 + j;
+        if (k >= 2) hi = static_cast<__mmask16>(hi | (1u << c));
+      }
+      const __m512i vi = _mm512_load_si512(idx);
+      out[n] = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(v[0], vi, v[1]), _mm512_permutex2var_ps(v[2], vi, v[3]));
+    }
+    for (int k = 0; k < 4; ++k) v[k] = out[k];
+  }
+}
+
+/// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once.
+template <int VB, int NQ>
+void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
+                 const float* p, index_t pstride, float* acc, float* sf, float* mf) {
+  constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
+  const index_t D = plan.D, per_row = plan.per_row;
+  const auto* sc = reinterpret_cast<const std::uint16_t*>(part + l.scales);
+  const auto* mn = reinterpret_cast<const std::uint16_t*>(part + l.mins);
+  const index_t np = B * per_row;
+  for (index_t e = 0; e < np; e += 16) {
+    const __mmask16 mk = tail_mask(np - e);
+    _mm512_mask_storeu_ps(sf + e, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sc + e)));
+    _mm512_mask_storeu_ps(mf + e, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mn + e)));
+  }
+  const std::uint8_t* codes = part + l.codes;
+  const std::size_t row = l.row_bytes;
+  const __m512i mask = _mm512_set1_epi32((1 << VB) - 1);
+  for (index_t u = 0; u < D / U; ++u) {
+    const __m512i gi = _mm512_loadu_si512(plan.grp_idx.data() + u * 16);
+    const index_t g0 = plan.grp0[u];
+    __m512 a[NQ][per];
+    for (int i = 0; i < NQ; ++i) {
+      for (int k = 0; k < per; ++k) a[i][k] = _mm512_loadu_ps(acc + i * D + u * U + 16 * k);
+      to_slice_order<per>(a[i]);
+    }
+    for (index_t t = 0; t < B; ++t) {
+      const __m512 S = _mm512_permutexvar_ps(gi, _mm512_loadu_ps(sf + t * per_row + g0));
+      const __m512 M = _mm512_permutexvar_ps(gi, _mm512_loadu_ps(mf + t * per_row + g0));
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + t * row + u * 16)));
+      __m512 w[NQ];
+      for (int i = 0; i < NQ; ++i) w[i] = _mm512_set1_ps(p[i * pstride + t]);
+      for (int k = 0; k < per; ++k) {
+        const __m512i c = VB == 8 ? d : _mm512_and_si512(_mm512_srli_epi32(d, k * VB), mask);
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), S, M);
+        for (int i = 0; i < NQ; ++i) a[i][k] = _mm512_fmadd_ps(w[i], v, a[i][k]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      to_natural_order<per>(a[i]);
+      for (int k = 0; k < per; ++k) _mm512_storeu_ps(acc + i * D + u * U + 16 * k, a[i][k]);
+    }
+  }
+}
+
+/// Per key group: the query with the group's per-channel scales folded in, in the layout the key
+/// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1).
+template <int KB>
+struct KeyFold {
+  static constexpr int cpd = 32 / KB;                       // channels per dword
+  static constexpr float centre = static_cast<float>(1 << (KB - 1));  // integer, so code - centre is exact
+  std::vector<float> qs;            // exact: [i][c]
+  std::vector<std::int32_t> qhi;    // fast: [i][dword][k] packed 4 x int8 (byte j = channel dword*cpd + j*per + k)
+  std::vector<std::int32_t> qlo;
+  std::vector<float> step;          // fast: [i] value of one integer unit
+  std::vector<float> bias;          // [i]
+  std::vector<float> sf, mf;        // scratch: the group's scales and mins as float
+
+  void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q, index_t g, index_t D, bool fast) {
+    sf.resize(static_cast<std::size_t>(D));
+    mf.resize(static_cast<std::size_t>(D));
+    for (index_t c = 0; c < D; c += 16) {
+      _mm512_storeu_ps(sf.data() + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + c))));
+      _mm512_storeu_ps(mf.data() + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + c))));
+    }
+    qs.resize(static_cast<std::size_t>(g * D));
+    bias.resize(static_cast<std::size_t>(g));
+    const __m512 vc = _mm512_set1_ps(fast ? 0.0f : centre);
+    for (index_t i = 0; i < g; ++i) {
+      __m512 b = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
+      for (index_t c = 0; c < D; c += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + i * D + c), s = _mm512_loadu_ps(sf.data() + c);
+        const __m512 x = _mm512_mul_ps(qv, s);
+        _mm512_storeu_ps(qs.data() + i * D + c, x);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+        b = _mm512_fmadd_ps(qv, _mm512_fmadd_ps(vc, s, _mm512_loadu_ps(mf.data() + c)), b);
+      }
+      bias[i] = _mm512_reduce_add_ps(b);
+      if (fast) {
+        const float m = _mm512_reduce_max_ps(mx);
+        step.resize(static_cast<std::size_t>(g));
+        step[i] = m > 0.0f ? m / 32639.0f : 1.0f;
+      }
+    }
+    if (!fast) return;
+    // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127], lo in [-128, 127]
+    constexpr int per = 8 / KB;
+    const index_t dwords = D / cpd;
+    qhi.resize(static_cast<std::size_t>(g * dwords * per));
+    qlo.resize(qhi.size());
+    std::vector<std::int32_t> qi(static_cast<std::size_t>(D)), hi(qi.size()), lo(qi.size());
+    for (index_t i = 0; i < g; ++i) {
+      const __m512 inv = _mm512_set1_ps(1.0f / step[i]);
+      for (index_t c = 0; c < D; c += 16) {
+        const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs.data() + i * D + c), inv));
+        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(Q, _mm512_set1_epi32(128)), 8);
+        _mm512_storeu_si512(hi.data() + c, h);
+        _mm512_storeu_si512(lo.data() + c, _mm512_sub_epi32(Q, _mm512_slli_epi32(h, 8)));
+      }
+      for (index_t w = 0; w < dwords; ++w)
+        for (int k = 0; k < per; ++k) {
+          std::uint32_t ph = 0, pl = 0;
+          for (int j = 0; j < 4; ++j) {
+            const index_t c = w * cpd + j * per + k;
+            ph |= (static_cast<std::uint32_t>(hi[c]) & 0xffu) << (8 * j);
+            pl |= (static_cast<std::uint32_t>(lo[c]) & 0xffu) << (8 * j);
+          }
+          qhi[(i * dwords + w) * per + k] = static_cast<std::int32_t>(ph);
+          qlo[(i * dwords + w) * per + k] = static_cast<std::int32_t>(pl);
+        }
+    }
+  }
+};
+
+/// Logits of 16 tokens (code rows at `codes`, `row` bytes apart) for NQ queries starting at qi:
+/// logits[(qi + i) * lstride + t]. Exact float path.
+template <int KB, int NQ>
+void key_tile_exact(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
+                    float* logits, index_t lstride) {
+  constexpr int cpd = 32 / KB;
+  const index_t dwords = D / cpd;
+  const __m512i mask = _mm512_set1_epi32((1 << KB) - 1);
+  const __m512i magic = _mm512_set1_epi32(0x4B000000);  // 2^23 | code is the float 2^23 + code
+  const __m512 off = _mm512_set1_ps(8388608.0f + KeyFold<KB>::centre);
+  __m512 acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+  const float* qs = f.qs.data() + qi * D;
+  for (index_t w0 = 0; w0 < dwords; w0 += 16) {
+    const index_t nw = std::min<index_t>(16, dwords - w0);
+    const __mmask16 mk = tail_mask(nw);
+    __m512i r[16];
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
+    transpose16(r);
+    for (index_t w = 0; w < nw; ++w) {
+      const __m512i col = r[w];
+      const float* qw = qs + (w0 + w) * cpd;
+      for (int e = 0; e < cpd; ++e) {
+        const __m512i c = _mm512_ternarylogic_epi32(_mm512_srli_epi32(col, e * KB), mask, magic, 0xEA);
+        const __m512 x = _mm512_sub_ps(_mm512_castsi512_ps(c), off);
+        for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qw[i * D + e]), x, acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    _mm512_storeu_ps(logits + (qi + i) * lstride, _mm512_add_ps(acc[i], _mm512_set1_ps(f.bias[qi + i])));
+}
+
+#if defined(QPKV_CPU_AVX512VNNI)
+/// As key_tile_exact, with vpdpbusd on the integer query (AttendPrecision::fast).
+template <int KB, int NQ>
+void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
+                   float* logits, index_t lstride) {
+  constexpr int cpd = 32 / KB, per = 8 / KB;
+  const index_t dwords = D / cpd;
+  const __m512i bmask = _mm512_set1_epi8(static_cast<char>((1 << KB) - 1));
+  __m512i hi[NQ], lo[NQ];
+  for (int i = 0; i < NQ; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
+  for (index_t w0 = 0; w0 < dwords; w0 += 16) {
+    const index_t nw = std::min<index_t>(16, dwords - w0);
+    const __mmask16 mk = tail_mask(nw);
+    __m512i r[16];
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
+    transpose16(r);
+    for (index_t w = 0; w < nw; ++w) {
+      const __m512i col = r[w];
+      for (int k = 0; k < per; ++k) {
+        const __m512i c = KB == 8 ? col : _mm512_and_si512(_mm512_srli_epi32(col, k * KB), bmask);
+        for (int i = 0; i < NQ; ++i) {
+          const std::size_t at = static_cast<std::size_t>(((qi + i) * dwords + w0 + w) * per + k);
+          hi[i] = _mm512_dpbusd_epi32(hi[i], c, _mm512_set1_epi32(f.qhi[at]));
+          lo[i] = _mm512_dpbusd_epi32(lo[i], c, _mm512_set1_epi32(f.qlo[at]));
+        }
+      }
+    }
+  }
+  for (int i = 0; i < NQ; ++i) {
+    const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[i]), _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(lo[i]));
+    _mm512_storeu_ps(logits + (qi + i) * lstride,
+                     _mm512_fmadd_ps(x, _mm512_set1_ps(f.step[qi + i]), _mm512_set1_ps(f.bias[qi + i])));
+  }
+}
+#endif
+
+/// Query tiles of 4, 2, 1 over the g queries.
+template <class Fn4, class Fn2, class Fn1>
+inline void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
+  index_t i = 0;
+  for (; i + 4 <= g; i += 4) f4(i);
+  for (; i + 2 <= g; i += 2) f2(i);
+  for (; i < g; ++i) f1(i);
+}
+
+/// One work item over a KIVI cache: blocks [b0, b1) of head h, then the residual if asked.
+template <int KB, int VB>
+void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout& vl, index_t key_group,
+               const ValuePlan<VB>& plan, index_t h, index_t b0, index_t b1, bool residual, const float* q,
+               const Partial& p, bool fast) {
+  const CacheLayout& L = st.layout;
+  const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
+  std::vector<float> logits(static_cast<std::size_t>(g * B));
+  std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 16)), mf(sf.size());
+  KeyFold<KB> fold;
+  const std::size_t bb = L.block_bytes();
+#if !defined(QPKV_CPU_AVX512VNNI)
+  fast = false;
+#endif
+  for (index_t b = b0; b < b1; ++b) {
+    const std::uint8_t* block = st.data + L.block_offset(h, b);
+    prefetch_range(block + kPrefetchDistance, bb);
+    // keys
+    const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
+    const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
+    for (index_t gt = 0; gt < B / key_group; ++gt) {
+      fold.fold(sc + gt * D, mn + gt * D, q, g, D, fast);
+      for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 16) {
+        const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
+        float* lg = logits.data() + t0;
+#if defined(QPKV_CPU_AVX512VNNI)
+        if (fast) {
+          for_query_tiles(
+              g, [&](index_t i) { key_tile_fast<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B); },
+              [&](index_t i) { key_tile_fast<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B); },
+              [&](index_t i) { key_tile_fast<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B); });
+          continue;
+        }
+#endif
+        for_query_tiles(
+            g, [&](index_t i) { key_tile_exact<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B); },
+            [&](index_t i) { key_tile_exact<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B); },
+            [&](index_t i) { key_tile_exact<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B); });
+      }
+    }
+    softmax_step(logits.data(), B, B, g, D, p);
+    // values
+    const std::uint8_t* vpart = block + L.key_part;
+    for_query_tiles(
+        g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
+        [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
+        [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); });
+  }
+  if (residual && st.residual > 0) {
+    const std::uint8_t* rk = st.data + L.residual_key_offset(h, 0);
+    const std::uint8_t* rv = st.data + L.residual_value_offset(h, 0);
+    fp16_tokens(rk, static_cast<std::size_t>(D) * 2, rv, static_cast<std::size_t>(D) * 2, st.residual, D, q, g, p, false);
+  }
+}
+
+}  // namespace qpkv::cpu::avx512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // QPKV_CPU_AVX512
