@@ -2,6 +2,7 @@
 #include "cli.hpp"
 
 #include <charconv>
+#include <filesystem>
 #include <system_error>
 
 #include "qpkv/core/dtype.hpp"
@@ -16,6 +17,17 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
     s += std::to_string(shape[i]);
   }
   return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string data_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (path.empty() || fs::exists(path, ec) || fs::path(path).is_absolute()) return path;
+#ifdef QPKV_SOURCE_DIR
+  const fs::path in_source = fs::path(QPKV_SOURCE_DIR) / path;
+  if (fs::exists(in_source, ec)) return in_source.string();
+#endif
+  return path;
 }
 
 std::string strip_prefix(std::string_view m) {

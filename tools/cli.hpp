@@ -84,6 +84,10 @@ void save_output(const std::string& path, const std::vector<T>& data, const std:
   }
 }
 
+/// `path` if it exists; else, for a relative path, the same path under the source tree this tool
+/// was built from (so the shipped model and texts are found from any directory); else `path`.
+std::string data_path(const std::string& path);
+
 /// "qpkv: capacity: ..." -> "capacity: ..."; "qpkv::io: f.npy: ..." -> "f.npy: ...".
 std::string strip_prefix(std::string_view message);
 
