@@ -29,7 +29,6 @@
 
 #include "qpkv/backend/backend.hpp"
 #include "qpkv/backend/cpu/attend.hpp"
-#include "qpkv/backend/cpu/precision.hpp"
 #include "qpkv/cache/layout.hpp"
 #include "qpkv/core/buffer.hpp"
 #include "qpkv/core/error.hpp"
@@ -80,7 +79,6 @@ struct CacheFileAccess;  // cache/serialize.hpp: save/load read and restore the 
 struct CacheOptions {
   index_t residual = 0;  ///< recent tokens kept in fp16 (max'ed with a KV scheme's own residual)
   float scale = 0.0f;    ///< softmax scale; 0 means 1/sqrt(head_dim)
-  AttendPrecision precision = AttendPrecision::exact;  ///< q.k arithmetic of attend() (backend/cpu/precision.hpp)
 };
 
 namespace detail {
@@ -197,6 +195,8 @@ class CompressedKV {
   void append(const T* k, const T* v) {
     detail::require(k != nullptr, "k", "a non-null pointer", "nullptr");
     detail::require(v != nullptr, "v", "a non-null pointer", "nullptr");
+    detail::check_aligned(k, "k");
+    detail::check_aligned(v, "v");
     const index_t H = shape_.kv_heads, D = shape_.head_dim;
     detail::check_finite(view(k, H, 1, D), "k");
     detail::check_finite(view(v, H, 1, D), "v");
@@ -220,7 +220,14 @@ class CompressedKV {
         }
       }
       ++residual_;
-      if (residual_ == layout_.residual_limit) flush_residual();
+      if (residual_ == layout_.residual_limit) {
+        try {
+          flush_residual();
+        } catch (...) {
+          --residual_;  // a block that cannot be encoded: the token is not appended
+          throw;
+        }
+      }
     }
     for (auto& p : positions_) p.push_back(next_position_);
     ++next_position_;
@@ -231,12 +238,14 @@ class CompressedKV {
   void attend(const T* q, float* out) const {
     detail::require(q != nullptr, "q", "a non-null pointer", "nullptr");
     detail::require(out != nullptr, "out", "a non-null pointer", "nullptr");
+    detail::check_aligned(q, "q");
+    detail::check_aligned(out, "out");
     detail::require(tokens() > 0, "cache", "at least one token (call compress first)", "an empty cache");
     const index_t n = shape_.q_heads * shape_.head_dim;
     std::vector<float> qf(static_cast<std::size_t>(n));
     for (index_t i = 0; i < n; ++i) qf[i] = to_float(q[i]);
     detail::check_finite(view(qf.data(), shape_.q_heads, 1, shape_.head_dim), "q");
-    cpu::attend(kq_, vq_, state(), qf.data(), out, softmax_scale(), options_.precision);
+    cpu::attend(kq_, vq_, state(), qf.data(), out, softmax_scale());
   }
 
   /// Dense float copy of what the cache stores (keys, values) in positional order.
@@ -322,6 +331,8 @@ class CompressedKV {
       }
     }
     index_t res = 0;
+    blocks_ = residual_ = 0;  // empty until the new content is complete: a throw below leaves an
+    for (auto& p : positions_) p.clear();  // empty, consistent cache (tests/test_hostile.cpp)
     layout_ = plan_layout(shape_, kq_, vq_, residual_length_, C, &res);
     data_ = AlignedBuffer(layout_.total_bytes());
     std::memset(data_.data(), 0, data_.size());
@@ -347,13 +358,13 @@ class CompressedKV {
           }
         }
       }
-    blocks_ = nb;
-    residual_ = res;
     if (nb > 0) {
       // one encode call per tensor for the whole layer (HQQ's optimizer stops on the layer's error)
       kq_.encode(kf.data(), H * nb, B, D, data_.data(), layout_.block_bytes());
       vq_.encode(vf.data(), H * nb, B, D, data_.data() + layout_.key_part, layout_.block_bytes());
     }
+    blocks_ = nb;
+    residual_ = res;
     positions_ = std::move(sel.kept);
     next_position_ = N;
   }

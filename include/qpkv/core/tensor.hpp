@@ -76,11 +76,20 @@ TensorView<T> view(const T* data, index_t heads, index_t tokens, index_t dim) {
 
 namespace detail {
 
+/// Throws unless p is aligned for T (reading a misaligned T is undefined behaviour).
+template <class T>
+void check_aligned(const T* p, std::string_view name) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0)
+    throw Error(concat("qpkv: ", name, ": expected a pointer aligned to ", alignof(T), " bytes, got ",
+                       static_cast<const void*>(p)));
+}
+
 /// Validates a view's sizes and strides (name is the argument name used in messages).
 template <Element T>
 void check_view(const TensorView<T>& v, std::string_view name) {
   const std::string n(name);
   require(v.data != nullptr, n + ".data", "a non-null pointer", "nullptr");
+  check_aligned(v.data, n + ".data");
   require(v.heads > 0, n + ".heads", "> 0", v.heads);
   require(v.tokens > 0, n + ".tokens", "> 0", v.tokens);
   require(v.dim > 0, n + ".dim", "> 0", v.dim);

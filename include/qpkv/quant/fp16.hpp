@@ -26,7 +26,11 @@ struct Fp16 {
     for (index_t p = 0; p < parts; ++p) {
       auto* h = reinterpret_cast<half*>(dst + p * dst_stride);
       const float* s = src + p * tokens * dim;
-      for (index_t i = 0; i < tokens * dim; ++i) h[i] = to_half(s[i]);
+      for (index_t i = 0; i < tokens * dim; ++i) {
+        h[i] = to_half(s[i]);
+        if ((h[i].bits & 0x7c00u) == 0x7c00u)  // a finite input above 65504: an error, not a silent inf
+          throw Error(detail::concat("qpkv: Fp16 storage: expected |x| <= 65504, got ", s[i]));
+      }
       std::memset(reinterpret_cast<std::uint8_t*>(h + tokens * dim), 0,
                   part_bytes(tokens, dim) - static_cast<std::size_t>(tokens * dim) * sizeof(half));
     }
