@@ -74,6 +74,7 @@ inline std::string dtype_list() {
 
 /// A JSON value, just enough of it for safetensors headers.
 struct Json {
+  Json() {}  // user-provided: clang + libstdc++ otherwise recurse through pair<string, Json> (incomplete)
   enum class Kind { null, boolean, number, string, array, object } kind = Kind::null;
   bool boolean = false;
   std::string text;  ///< a string's value, or a number's literal text
