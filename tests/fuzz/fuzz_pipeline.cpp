@@ -1,0 +1,108 @@
+// libFuzzer target: quantize, select and attend driven by fuzzer bytes. The first bytes choose a
+// shape (GQA ratio, head_dim), a prompt length, a selection method, key/value bit widths, group,
+// residual, outliers and a capacity; the rest are the keys, values and queries -- either raw float
+// bit patterns (NaN, Inf, denormals, 1e38) or small integers times a power-of-two scale.
+// Oracles: every failure is a qpkv::Error; a cache that accepted its input attends to finite values
+// within 1e-3 of the float64 reference over its own dequantized contents, and dequantizes to
+// finite values; appending a token and attending again keeps those properties.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "qpkv/attention/dense.hpp"
+#include "qpkv/cache/any_cache.hpp"
+
+namespace {
+
+struct Bytes {
+  const std::uint8_t* p;
+  std::size_t n;
+  std::uint8_t byte() {
+    if (n == 0) return 0;
+    --n;
+    return *p++;
+  }
+  float value(bool raw, float scale) {
+    if (raw) {
+      std::uint32_t u = 0;
+      for (int i = 0; i < 4; ++i) u |= static_cast<std::uint32_t>(byte()) << (8 * i);
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    return static_cast<float>(static_cast<std::int8_t>(byte())) * scale;
+  }
+};
+
+void check_attention(const qpkv::AnyCompressedKV& c, const std::vector<float>& q) {
+  const qpkv::Shape s = c.shape();
+  std::vector<float> out(q.size()), ref(q.size());
+  c.attend(q.data(), out.data());
+  const qpkv::DenseKV d = c.dequantize();
+  for (float x : d.keys)
+    if (!std::isfinite(x)) std::abort();
+  for (float x : d.values)
+    if (!std::isfinite(x)) std::abort();
+  qpkv::dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), c.softmax_scale());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) std::abort();
+    num += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  if (std::isfinite(den) && std::sqrt(num) > 1e-3 * std::sqrt(den) + 1e-20) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Bytes b{data, size};
+  static constexpr int kBits[] = {1, 2, 3, 4, 8, 16};
+  static constexpr const char* kMethods[] = {"keep_all", "streamingllm", "snapkv", "h2o", "pyramidkv"};
+  const qpkv::index_t kv = 1 + b.byte() % 3, ratio = 1 + b.byte() % 4, dim = 1 + b.byte() % 48;
+  const qpkv::index_t N = 1 + b.byte() % 96;
+  const qpkv::Shape shape{kv, kv * ratio, dim};
+  const int method = b.byte() % 5;
+  const int kb = kBits[b.byte() % 6], vb = kBits[b.byte() % 6];
+  const qpkv::index_t group = 1 + b.byte() % 40, residual = b.byte() % 40, window = 1 + b.byte() % 16;
+  const bool outliers = b.byte() % 4 == 0;
+  const qpkv::index_t capacity = b.byte() % 100;
+  const std::uint8_t mode = b.byte();
+  const bool raw = mode % 4 == 0;
+  const float scale = std::ldexp(1.0f, static_cast<int>(mode % 64) - 40);  // 2^-40 .. 2^23
+
+  std::string text = std::string(kMethods[method]) + ",k" + std::to_string(kb) + "v" + std::to_string(vb) +
+                     ",residual=" + std::to_string(residual);
+  if (kb < 16 || vb < 16) {
+    text += ",group=" + std::to_string(group);
+    if (outliers) text += ",outliers=0.05";
+  }
+  if (method >= 2) text += ",window=" + std::to_string(window);
+  qpkv::KVConfig config;
+  try {
+    config = qpkv::KVConfig::parse(text);
+  } catch (const qpkv::Error&) {
+    return 0;  // a bit pair without an instantiation
+  }
+
+  std::vector<float> k(static_cast<std::size_t>(kv * N * dim)), v(k.size()), q(static_cast<std::size_t>(kv * ratio * N * dim));
+  for (auto& x : k) x = b.value(raw, scale);
+  for (auto& x : v) x = b.value(raw, scale);
+  for (auto& x : q) x = b.value(raw, scale);
+  try {
+    qpkv::AnyCompressedKV c(shape, config);
+    c.compress(qpkv::view(k.data(), kv, N, dim), qpkv::view(v.data(), kv, N, dim), qpkv::view(q.data(), kv * ratio, N, dim),
+               capacity);
+    if (c.tokens() == 0) return 0;
+    const std::vector<float> q1(q.end() - kv * ratio * dim, q.end());
+    check_attention(c, q1);
+    c.append(k.data(), v.data());  // the first token again
+    check_attention(c, q1);
+  } catch (const qpkv::Error&) {
+  }
+  return 0;
+}
