@@ -36,6 +36,8 @@ Command add_quantize(CLI::App& app);
 Command add_score(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_study(CLI::App& app);
+Command add_save(CLI::App& app);
+Command add_inspect(CLI::App& app);
 
 /// "(1, 4, 512, 64)".
 std::string shape_text(const std::vector<std::int64_t>& shape);

@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("qpkv 0.1.0"));
   std::vector<qpkv::cli::Command> commands;
   for (auto add : {&qpkv::cli::add_plan, &qpkv::cli::add_select, &qpkv::cli::add_quantize, &qpkv::cli::add_score,
-                   &qpkv::cli::add_generate, &qpkv::cli::add_study})
+                   &qpkv::cli::add_generate, &qpkv::cli::add_study, &qpkv::cli::add_save, &qpkv::cli::add_inspect})
     commands.push_back(add(app));
 
   try {

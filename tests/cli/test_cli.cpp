@@ -98,7 +98,7 @@ TieCheck tie_aware(const float* scores, std::int64_t prefix, const std::vector<s
 }  // namespace
 
 TEST_CASE("every subcommand has --help and exits 0") {
-  for (const char* sub : {"plan", "select", "quantize", "score", "generate", "study"}) {
+  for (const char* sub : {"plan", "select", "quantize", "score", "generate", "study", "save", "inspect"}) {
     CAPTURE(sub);
     const Run r = qpkv_run(std::string(sub) + " --help");
     CHECK(r.rc == 0);
@@ -106,7 +106,7 @@ TEST_CASE("every subcommand has --help and exits 0") {
   }
   const Run top = qpkv_run("--help");
   CHECK(top.rc == 0);
-  for (const char* sub : {"plan", "select", "quantize", "score", "generate", "study"}) CHECK(contains(top.out, sub));
+  for (const char* sub : {"plan", "select", "quantize", "score", "generate", "study", "save", "inspect"}) CHECK(contains(top.out, sub));
   CHECK(qpkv_run("").rc == 2);  // a subcommand is required
   CHECK(qpkv_run("no-such-command").rc == 2);
 }
