@@ -29,6 +29,7 @@
 
 #include "qpkv/backend/backend.hpp"
 #include "qpkv/backend/cpu/attend.hpp"
+#include "qpkv/backend/cpu/precision.hpp"
 #include "qpkv/cache/layout.hpp"
 #include "qpkv/core/buffer.hpp"
 #include "qpkv/core/error.hpp"
@@ -79,6 +80,7 @@ struct CacheFileAccess;  // cache/serialize.hpp: save/load read and restore the 
 struct CacheOptions {
   index_t residual = 0;  ///< recent tokens kept in fp16 (max'ed with a KV scheme's own residual)
   float scale = 0.0f;    ///< softmax scale; 0 means 1/sqrt(head_dim)
+  AttendPrecision precision = AttendPrecision::exact;  ///< q.k arithmetic of attend() (backend/cpu/precision.hpp)
 };
 
 namespace detail {
@@ -245,7 +247,7 @@ class CompressedKV {
     std::vector<float> qf(static_cast<std::size_t>(n));
     for (index_t i = 0; i < n; ++i) qf[i] = to_float(q[i]);
     detail::check_finite(view(qf.data(), shape_.q_heads, 1, shape_.head_dim), "q");
-    cpu::attend(kq_, vq_, state(), qf.data(), out, softmax_scale());
+    cpu::attend(kq_, vq_, state(), qf.data(), out, softmax_scale(), options_.precision);
   }
 
   /// Dense float copy of what the cache stores (keys, values) in positional order.
