@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -277,6 +278,54 @@ TEST_CASE("tokenizer: story1.txt encodes to the reference ids and decodes back")
   CHECK(f.tokenizer.decode(f.tokenizer.encode(odd)) == odd);
   CHECK(f.tokenizer.decode_piece(Tokenizer::bos_id, f.tokenizer.find(" Once")) == "Once");
   CHECK(f.tokenizer.decode_piece(403, f.tokenizer.find(" Once")) == " Once");
+}
+
+TEST_CASE("tokenizer: the heap-based merge makes run.c's merges (rescan loop as the reference)") {
+  const Tokenizer& tok = fx().tokenizer;
+  // run.c's encode, literally: rescan every adjacent pair after each merge
+  const auto reference = [&](std::string_view text) {
+    std::vector<int> t{Tokenizer::bos_id};
+    const auto piece_or_bytes = [&](std::string_view s) {
+      const int id = tok.find(s);
+      if (id >= 0) t.push_back(id);
+      else
+        for (const char c : s) t.push_back(Tokenizer::byte_base + static_cast<unsigned char>(c));
+    };
+    if (!text.empty()) piece_or_bytes(" ");
+    for (std::size_t i = 0; i < text.size();) {
+      std::size_t n = 1;
+      while (n < 4 && i + n < text.size() && (static_cast<unsigned char>(text[i + n]) & 0xC0) == 0x80) ++n;
+      piece_or_bytes(text.substr(i, n));
+      i += n;
+    }
+    for (;;) {
+      float best = -1e10f;
+      int best_id = -1;
+      std::size_t best_i = 0;
+      for (std::size_t i = 1; i + 1 < t.size(); ++i) {
+        const int id = tok.find(std::string(tok.piece(t[i])) + std::string(tok.piece(t[i + 1])));
+        if (id >= 0 && tok.score(id) > best) {
+          best = tok.score(id);
+          best_id = id;
+          best_i = i;
+        }
+      }
+      if (best_id < 0) break;
+      t[best_i] = best_id;
+      t.erase(t.begin() + static_cast<std::ptrdiff_t>(best_i) + 1);
+    }
+    return t;
+  };
+  const std::string story = read_text(kData + "story1.txt");
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t a = rng() % story.size(), n = rng() % 300;
+    std::string text = story.substr(a, n);
+    if (trial % 4 == 3)  // and some bytes that are no piece, including broken UTF-8
+      for (int k = 0; k < 5; ++k) text.insert(rng() % (text.size() + 1), 1, static_cast<char>(rng() % 256));
+    CAPTURE(text);
+    CHECK(tok.encode(text) == reference(text));
+  }
 }
 
 TEST_CASE("a compressed cache decodes close to the full one and holds exactly its planned bytes") {

@@ -134,72 +134,30 @@ class Llama {
   static constexpr std::size_t header_bytes = 7 * sizeof(std::int32_t);
 
   /// Reads and validates a checkpoint file (see the header comment); qpkv::Error on any problem.
-  static Llama load(const std::string& path) { return parse(detail::read_file(path, "checkpoint"), path); }
+  static Llama load(const std::string& path) {
+    // the header and the file size are checked before the file is read, so a wrong or huge file
+    // is refused without loading it
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw Error(detail::concat("qpkv: checkpoint: cannot open '", path, "'"));
+    f.seekg(0, std::ios::end);
+    const std::streamoff size = f.tellg();
+    if (size < 0) throw Error(detail::concat("qpkv: checkpoint: cannot read the size of '", path, "'"));
+    f.seekg(0, std::ios::beg);
+    std::uint8_t head[header_bytes] = {};
+    const std::size_t n = static_cast<std::size_t>(std::min<std::streamoff>(size, header_bytes));
+    if (!f.read(reinterpret_cast<char*>(head), static_cast<std::streamsize>(n)))
+      throw Error(detail::concat("qpkv: checkpoint: short read from '", path, "'"));
+    (void)read_layout(std::span<const std::uint8_t>(head, n), static_cast<std::uint64_t>(size), path);
+    return parse(detail::read_file(path, "checkpoint"), path);
+  }
 
   /// Validates and copies a checkpoint image; `name` only labels error messages.
   static Llama parse(std::span<const std::uint8_t> image, std::string_view name = "checkpoint") {
+    const Layout layout = read_layout(image.first(std::min(image.size(), header_bytes)), image.size(), name);
+    const LlamaConfig& c = layout.config;
     const std::string what = detail::concat("checkpoint '", name, "'");
-    detail::require(image.size() >= header_bytes, what, detail::concat(">= ", header_bytes, " bytes (the header)"),
-                    detail::concat(image.size(), " bytes"));
-    std::int32_t h[7];
-    for (int i = 0; i < 7; ++i) h[i] = detail::read_i32(image.data() + 4 * i);
-    if (h[0] == 0x616b3432)  // "ak42": llama2.c's export.py version 1/2
-      throw Error(concat_what(what, "format: expected the llama2.c legacy layout (version 0), got a version-",
-                              image.size() >= 8 ? detail::read_i32(image.data() + 4) : -1,
-                              " export (magic \"ak42\"); re-export with --version 0"));
-    LlamaConfig c;
-    c.dim = h[0];
-    c.hidden_dim = h[1];
-    c.layers = h[2];
-    c.heads = h[3];
-    c.kv_heads = h[4];
-    c.shared_classifier = h[5] > 0;
-    c.vocab = h[5] < 0 ? -static_cast<index_t>(h[5]) : h[5];
-    c.seq_len = h[6];
-    const auto field = [&](const char* f) { return detail::concat(what, " header.", f); };
-    detail::require(c.dim > 0, field("dim"), "> 0", c.dim);
-    detail::require(c.hidden_dim > 0, field("hidden_dim"), "> 0", c.hidden_dim);
-    detail::require(c.layers > 0, field("n_layers"), "> 0", c.layers);
-    detail::require(c.heads > 0, field("n_heads"), "> 0", c.heads);
-    detail::require(c.dim % c.heads == 0, field("n_heads"), detail::concat("a divisor of dim (", c.dim, ")"), c.heads);
-    detail::require(c.head_dim() % 2 == 0, field("n_heads"),
-                    detail::concat("a count that makes head_dim = dim / n_heads even (RoPE rotates pairs); dim = ", c.dim),
-                    c.heads);
-    detail::require(c.kv_heads > 0 && c.kv_heads <= c.heads && c.heads % c.kv_heads == 0, field("n_kv_heads"),
-                    detail::concat("a divisor of n_heads (", c.heads, ")"), c.kv_heads);
-    detail::require(c.vocab > 0, field("vocab_size"), "!= 0", h[5]);
-    detail::require(c.seq_len > 0, field("seq_len"), "> 0", c.seq_len);
-
-    // the tensors in file order (the RoPE tables are counted, then skipped)
-    const std::int64_t D = c.dim, L = c.layers, Hd = c.hidden_dim, KV = c.kv_dim();
-    const auto mul = [&](std::int64_t a, std::int64_t b) { return detail::size_mul(a, b, what + " size"); };
-    const std::int64_t sizes[] = {
-        mul(c.vocab, D),          // embedding
-        mul(L, D),                // attn_norm
-        mul(L, mul(D, D)),        // wq
-        mul(L, mul(KV, D)),       // wk
-        mul(L, mul(KV, D)),       // wv
-        mul(L, mul(D, D)),        // wo
-        mul(L, D),                // ffn_norm
-        mul(L, mul(Hd, D)),       // w1
-        mul(L, mul(D, Hd)),       // w2
-        mul(L, mul(Hd, D)),       // w3
-        D,                        // final norm
-        mul(c.seq_len, c.head_dim()),  // two legacy RoPE tables of seq_len x head_dim / 2
-        c.shared_classifier ? 0 : mul(c.vocab, D),
-    };
-    std::int64_t floats = 0;
-    for (std::int64_t s : sizes) {
-      detail::require(floats <= (std::int64_t{1} << 62) - s, what + " size", "a size below 2^62", "more");
-      floats += s;
-    }
-    const std::int64_t expected = mul(floats, 4) + static_cast<std::int64_t>(header_bytes);
-    detail::require(static_cast<std::int64_t>(image.size()) == expected, what + " size",
-                    detail::concat(expected, " bytes for dim=", c.dim, " hidden_dim=", c.hidden_dim, " n_layers=",
-                                   c.layers, " n_heads=", c.heads, " n_kv_heads=", c.kv_heads, " vocab_size=", h[5],
-                                   " seq_len=", c.seq_len),
-                    detail::concat(image.size(), " bytes"));
-
+    const std::int64_t floats = layout.floats;
+    const auto& sizes = layout.sizes;
     Llama m;
     m.config_ = c;
     m.weights_.resize(static_cast<std::size_t>(floats));
@@ -313,6 +271,81 @@ class Llama {
 
  private:
   enum Tensor { kEmbedding, kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm, kW1, kW2, kW3, kFinalNorm, kRope, kClassifier, kTensors };
+
+  /// The header's config and the size of every tensor, checked against the image's total size.
+  struct Layout {
+    LlamaConfig config;
+    std::int64_t sizes[kTensors] = {};  ///< floats per tensor, in file order (Tensor)
+    std::int64_t floats = 0;
+  };
+  static Layout read_layout(std::span<const std::uint8_t> head, std::uint64_t file_size, std::string_view name) {
+    const std::string what = detail::concat("checkpoint '", name, "'");
+    detail::require(head.size() >= header_bytes, what, detail::concat(">= ", header_bytes, " bytes (the header)"),
+                    detail::concat(file_size, " bytes"));
+    std::int32_t h[7];
+    for (int i = 0; i < 7; ++i) h[i] = detail::read_i32(head.data() + 4 * i);
+    if (h[0] == 0x616b3432)  // "ak42": llama2.c's export.py version 1/2
+      throw Error(concat_what(what, "format: expected the llama2.c legacy layout (version 0), got a version-",
+                              detail::read_i32(head.data() + 4),
+                              " export (magic \"ak42\"); re-export with --version 0"));
+    LlamaConfig c;
+    c.dim = h[0];
+    c.hidden_dim = h[1];
+    c.layers = h[2];
+    c.heads = h[3];
+    c.kv_heads = h[4];
+    c.shared_classifier = h[5] > 0;
+    c.vocab = h[5] < 0 ? -static_cast<index_t>(h[5]) : h[5];
+    c.seq_len = h[6];
+    const auto field = [&](const char* f) { return detail::concat(what, " header.", f); };
+    detail::require(c.dim > 0, field("dim"), "> 0", c.dim);
+    detail::require(c.hidden_dim > 0, field("hidden_dim"), "> 0", c.hidden_dim);
+    detail::require(c.layers > 0, field("n_layers"), "> 0", c.layers);
+    detail::require(c.heads > 0, field("n_heads"), "> 0", c.heads);
+    detail::require(c.dim % c.heads == 0, field("n_heads"), detail::concat("a divisor of dim (", c.dim, ")"), c.heads);
+    detail::require(c.head_dim() % 2 == 0, field("n_heads"),
+                    detail::concat("a count that makes head_dim = dim / n_heads even (RoPE rotates pairs); dim = ", c.dim),
+                    c.heads);
+    detail::require(c.kv_heads > 0 && c.kv_heads <= c.heads && c.heads % c.kv_heads == 0, field("n_kv_heads"),
+                    detail::concat("a divisor of n_heads (", c.heads, ")"), c.kv_heads);
+    detail::require(c.vocab > 0, field("vocab_size"), "!= 0", h[5]);
+    detail::require(c.seq_len > 0, field("seq_len"), "> 0", c.seq_len);
+
+    // the tensors in file order (the RoPE tables are counted, then skipped)
+    const std::int64_t D = c.dim, L = c.layers, Hd = c.hidden_dim, KV = c.kv_dim();
+    const auto mul = [&](std::int64_t a, std::int64_t b) { return detail::size_mul(a, b, what + " size"); };
+    Layout out;
+    out.config = c;
+    const std::int64_t sizes[kTensors] = {
+        mul(c.vocab, D),          // embedding
+        mul(L, D),                // attn_norm
+        mul(L, mul(D, D)),        // wq
+        mul(L, mul(KV, D)),       // wk
+        mul(L, mul(KV, D)),       // wv
+        mul(L, mul(D, D)),        // wo
+        mul(L, D),                // ffn_norm
+        mul(L, mul(Hd, D)),       // w1
+        mul(L, mul(D, Hd)),       // w2
+        mul(L, mul(Hd, D)),       // w3
+        D,                        // final norm
+        mul(c.seq_len, c.head_dim()),  // two legacy RoPE tables of seq_len x head_dim / 2
+        c.shared_classifier ? 0 : mul(c.vocab, D),
+    };
+    std::int64_t floats = 0;
+    for (std::int64_t s : sizes) {
+      detail::require(floats <= (std::int64_t{1} << 62) - s, what + " size", "a size below 2^62", "more");
+      floats += s;
+    }
+    const std::int64_t expected = mul(floats, 4) + static_cast<std::int64_t>(header_bytes);
+    detail::require(file_size == static_cast<std::uint64_t>(expected), what + " size",
+                    detail::concat(expected, " bytes for dim=", c.dim, " hidden_dim=", c.hidden_dim, " n_layers=",
+                                   c.layers, " n_heads=", c.heads, " n_kv_heads=", c.kv_heads, " vocab_size=", h[5],
+                                   " seq_len=", c.seq_len),
+                    detail::concat(file_size, " bytes"));
+    std::copy(std::begin(sizes), std::end(sizes), std::begin(out.sizes));
+    out.floats = floats;
+    return out;
+  }
 
   template <class... Parts>
   static std::string concat_what(const std::string& what, const Parts&... parts) {

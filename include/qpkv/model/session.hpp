@@ -374,8 +374,8 @@ inline std::vector<float> reference_score(const Llama& model, std::span<const in
   return detail::logits_of(model, detail::dense_forward(model, tokens, rounding, [](index_t, const DenseLayerKV&) {}), 0);
 }
 
-/// Calls on_token(token) if it takes an int; a bool result of false stops generation.
 namespace detail {
+/// generate()'s default on_token: ignores the tokens.
 struct NoCallback {
   void operator()(int) const {}
 };

@@ -17,6 +17,7 @@
 // a leading space is dropped right after BOS. decode(tokens) concatenates them, skipping BOS/EOS.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -159,37 +160,58 @@ class Tokenizer {
     for (const char c : s) out.push_back(byte_base + static_cast<unsigned char>(c));
   }
 
-  /// Score of merging t[i] and t[i+1], or -inf when their concatenation is not a piece.
-  [[nodiscard]] float pair_score(const std::vector<int>& t, std::size_t i, int* merged) const {
-    const std::string s = pieces_[static_cast<std::size_t>(t[i])] + pieces_[static_cast<std::size_t>(t[i + 1])];
-    const int id = find(s);
-    *merged = id;
-    return id >= 0 ? scores_[static_cast<std::size_t>(id)] : -std::numeric_limits<float>::infinity();
+  /// The id of the concatenation of pieces a and b, or -1.
+  [[nodiscard]] int merged_id(int a, int b) const {
+    return find(pieces_[static_cast<std::size_t>(a)] + pieces_[static_cast<std::size_t>(b)]);
   }
 
-  /// Greedy BPE: merge the best-scoring pair (leftmost on ties) until none merges. Pair scores are
-  /// cached and only the two pairs next to a merge are recomputed.
+  /// Greedy BPE: merge the best-scoring adjacent pair (leftmost on ties) until none merges — the
+  /// same merges in the same order as run.c's rescan-everything loop, in O(n log n): the symbols
+  /// form a linked list and candidate pairs wait in a heap ordered by (score desc, position asc);
+  /// a candidate whose symbols changed since it was pushed is skipped when popped.
   void merge(std::vector<int>& t) const {
-    if (t.size() < 2) return;
-    std::vector<float> score(t.size() - 1);
-    std::vector<int> id(t.size() - 1);
-    for (std::size_t i = 0; i + 1 < t.size(); ++i) score[i] = pair_score(t, i, &id[i]);
-    for (;;) {
-      std::size_t best = score.size();
-      float best_score = -1e10f;  // run.c's floor: a pair scoring <= -1e10 never merges
-      for (std::size_t i = 0; i < score.size(); ++i)
-        if (id[i] >= 0 && score[i] > best_score) {
-          best = i;
-          best_score = score[i];
-        }
-      if (best == score.size()) return;
-      t[best] = id[best];
-      t.erase(t.begin() + static_cast<std::ptrdiff_t>(best) + 1);
-      score.erase(score.begin() + static_cast<std::ptrdiff_t>(best));
-      id.erase(id.begin() + static_cast<std::ptrdiff_t>(best));
-      if (best > 0) score[best - 1] = pair_score(t, best - 1, &id[best - 1]);
-      if (best < score.size()) score[best] = pair_score(t, best, &id[best]);
+    const std::size_t n = t.size();
+    if (n < 2) return;
+    struct Candidate {
+      float score;
+      std::size_t left, right;  ///< symbol slots (a symbol keeps the slot of its first piece)
+      int left_id, right_id, merged;
+    };
+    const auto worse = [](const Candidate& a, const Candidate& b) {
+      return a.score < b.score || (a.score == b.score && a.left > b.left);
+    };
+    std::vector<Candidate> heap;
+    std::vector<std::size_t> next(n), prev(n);
+    std::vector<bool> alive(n, true);
+    for (std::size_t i = 0; i < n; ++i) {
+      next[i] = i + 1;
+      prev[i] = i - 1;  // wraps for i = 0; never read there
     }
+    const auto push = [&](std::size_t l, std::size_t r) {
+      const int id = merged_id(t[l], t[r]);
+      const float sc = id >= 0 ? scores_[static_cast<std::size_t>(id)] : 0.0f;
+      if (id < 0 || !(sc > -1e10f)) return;  // run.c's floor: a pair scoring <= -1e10 never merges
+      heap.push_back({sc, l, r, t[l], t[r], id});
+      std::push_heap(heap.begin(), heap.end(), worse);
+    };
+    for (std::size_t i = 0; i + 1 < n; ++i) push(i, i + 1);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      const Candidate c = heap.back();
+      heap.pop_back();
+      if (!alive[c.left] || !alive[c.right] || next[c.left] != c.right || t[c.left] != c.left_id ||
+          t[c.right] != c.right_id)
+        continue;  // stale
+      t[c.left] = c.merged;
+      alive[c.right] = false;
+      next[c.left] = next[c.right];
+      if (next[c.left] < n) prev[next[c.left]] = c.left;
+      if (c.left > 0) push(prev[c.left], c.left);
+      if (next[c.left] < n) push(c.left, next[c.left]);
+    }
+    std::size_t w = 0;
+    for (std::size_t i = 0; i < n; i = next[i]) t[w++] = t[i];
+    t.resize(w);
   }
 
   std::vector<std::string> pieces_;
