@@ -144,7 +144,7 @@ TEST_CASE("golden logits: all 512 positions of story1 within 1e-3 of the float64
   REQUIRE(f.story.size() == 512);
   REQUIRE(f.logits.size() == 512u * 512u);
 
-  SUBCASE("full-precision cache, every position prefilled (measured: 2.2e-5)") {
+  SUBCASE("full-precision cache, every position prefilled (measured: 1.9e-5)") {
     const ScoreResult r = score(f.model, f.story, 512);
     const double err = max_abs_diff(r.logits, f.logits);
     MESSAGE("keep_all,fp16 prefix 512: max abs logit error " << err);
@@ -152,7 +152,7 @@ TEST_CASE("golden logits: all 512 positions of story1 within 1e-3 of the float64
     // the dense reference model computes the same numbers with the same code
     CHECK(max_abs_diff(reference_score(f.model, f.story), r.logits) == 0.0);
   }
-  SUBCASE("the decode path with exact float32 storage, every position decoded (measured: 2.1e-5)") {
+  SUBCASE("the decode path with exact float32 storage, every position decoded (measured: 2.2e-5)") {
     using Cache = CompressedKV<KeepAll, Fp32Storage>;
     std::vector<Cache> caches;
     for (index_t l = 0; l < f.model.config().layers; ++l) caches.emplace_back(f.model.config().shape());
@@ -162,7 +162,7 @@ TEST_CASE("golden logits: all 512 positions of story1 within 1e-3 of the float64
     MESSAGE("float32 cache, prefix 1, 511 decode steps: max abs logit error " << err);
     CHECK(err < 1e-3);
   }
-  SUBCASE("the fp16 cache through decode costs only half rounding (measured: max 0.049, mean 0.003)") {
+  SUBCASE("the fp16 cache through decode costs only half rounding (measured: max 0.04-0.05, mean 0.003)") {
     // keep_all + fp16 rounds every K and V to half: |k| reaches 27, where a half step is 2^-6, so
     // logits move by a few 1e-2 at worst (an fp16-KV float64 model shows the same). A wrong RoPE
     // position, append/attend order or head mapping would move them by O(1).

@@ -13,7 +13,7 @@
 //               h = RMSNorm(x);  x += W2 (silu(W1 h) * W3 h)
 //   logits = classifier RMSNorm(x)                  (classifier = embedding when shared)
 //
-// Storage and arithmetic are float32 (dot products accumulate in float32, as run.c); the RoPE
+// Storage and arithmetic are float32 (dot products in eight float32 partial sums); the RoPE
 // angles are computed in double and rounded once, so a position's rotation does not depend on how
 // it is reached.
 //
@@ -82,12 +82,18 @@ struct LlamaLayer {
 namespace detail {
 using namespace qpkv::detail;  // require, concat, fail
 
-/// y = W x for W (rows, cols) row-major; float32 accumulation in index order.
+/// y = W x for W (rows, cols) row-major, float32. Eight interleaved partial sums (lane j takes
+/// columns j, j + 8, ...; combined pairwise, then the tail) let the compiler vectorise without
+/// reassociating anything, so the result is the same at every optimisation level and ISA.
 inline void matvec(const float* w, const float* x, index_t rows, index_t cols, float* y) {
   for (index_t r = 0; r < rows; ++r) {
     const float* wr = w + r * cols;
-    float s = 0.0f;
-    for (index_t c = 0; c < cols; ++c) s += wr[c] * x[c];
+    float acc[8] = {};
+    index_t c = 0;
+    for (; c + 8 <= cols; c += 8)
+      for (index_t j = 0; j < 8; ++j) acc[j] += wr[c + j] * x[c + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; c < cols; ++c) s += wr[c] * x[c];
     y[r] = s;
   }
 }
