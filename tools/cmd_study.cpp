@@ -1,11 +1,12 @@
 // tools/cmd_study.cpp - `qpkv study`: the token/precision study of qpkv/study/study.hpp. Paper-style
-// tables on stdout, progress on stderr, CSV/JSON/markdown and the gnuplot figures in --out.
+// tables on stdout, progress on stderr (progress.hpp), CSV/JSON/markdown and the gnuplot figures in --out.
 #include <iostream>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cli.hpp"
+#include "progress.hpp"
 #include "qpkv/study/study.hpp"
 
 namespace qpkv::cli {
@@ -48,7 +49,9 @@ Command add_study(CLI::App& app) {
             for (int d : o->budgets) detail::require(d >= 1, "--budgets", "denominators >= 1", d);
             if (!o->budgets.empty()) opt.budgets = o->budgets;
             const std::string out = !o->out.empty() ? o->out : o->quick ? "docs/results/quick" : "docs/results";
-            const study::StudyResults r = study::run(opt, std::cerr);
+            ProgressStream progress;  // a bar on a terminal, plain lines otherwise
+            const study::StudyResults r = study::run(opt, progress);
+            progress.finish();
             study::write_markdown(r, std::cout);
             const std::vector<std::string> files = study::write_outputs(r, out);
             std::cout << "\nwrote:\n";
