@@ -454,3 +454,26 @@ TEST_CASE("a compress or append that throws leaves the cache consistent and usab
     CHECK(failures > 0);
   }
 }
+
+TEST_CASE("attention whose logits or output overflow float32 is an error, not a silently wrong output") {
+  const Shape s{1, 1, 8};
+  const index_t N = 64;  // two whole blocks of 32: no fp16 residual
+  std::vector<float> k(8 * N), v(8 * N), q(8, 1e30f), out(8);
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i % 7) * 1e30f;
+    v[i] = static_cast<float>(i % 5) * 1e30f;
+  }
+  CompressedKV<KeepAll, Affine<4, float>> c(s);
+  c.compress(view(k.data(), 1, N, 8), view(v.data(), 1, N, 8), N);
+  CHECK_THROWS_WITH_AS(c.attend(q.data(), out.data()), doctest::Contains("finite attention logits"), Error);
+  for (auto& x : v) x *= 5e7f;  // values near float max (2e38): their weighted sum overflows
+  CompressedKV<KeepAll, Affine<4, float>> d(s);
+  d.compress(view(k.data(), 1, N, 8), view(v.data(), 1, N, 8), N);
+  std::fill(q.begin(), q.end(), 1e-30f);
+  try {
+    d.attend(q.data(), out.data());
+    for (float x : out) CHECK(std::isfinite(x));
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("overflow") != std::string::npos);
+  }
+}

@@ -338,8 +338,18 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
         const float* a = pm + 2 * g + i * D;
         for (index_t d = 0; d < D; ++d) o[d] += w * a[d];
       }
-      const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-      for (index_t d = 0; d < D; ++d) o[d] *= inv;
+      // |q.k| x scale beyond float32 (inf/NaN logits) or values whose weighted sum overflows are an
+      // error, never a silently wrong output (tests/test_hostile.cpp)
+      if (!(lsum > 0.0f) || !std::isfinite(lsum) || !std::isfinite(mm))
+        throw Error(qpkv::detail::concat("qpkv: attend: expected finite attention logits for query head ", h * g + i,
+                                         ", got a maximum of ", mm, " (|q.k| x scale overflows float32)"));
+      const float inv = 1.0f / lsum;
+      for (index_t d = 0; d < D; ++d) {
+        o[d] *= inv;
+        if (!std::isfinite(o[d]))
+          throw Error(qpkv::detail::concat("qpkv: attend: expected a finite output for query head ", h * g + i,
+                                           ", got ", o[d], " (the weighted values overflow float32)"));
+      }
     }
 }
 
