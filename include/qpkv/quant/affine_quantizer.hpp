@@ -22,6 +22,7 @@
 
 #include "qpkv/core/dtype.hpp"
 #include "qpkv/quant/affine.hpp"
+#include "qpkv/quant/affine_fast.hpp"
 #include "qpkv/quant/hqq.hpp"
 #include "qpkv/quant/outliers.hpp"
 #include "qpkv/quant/pack.hpp"
@@ -115,6 +116,14 @@ struct Affine {
   void encode(const float* src, index_t parts, index_t tokens, index_t dim, std::uint8_t* dst,
               std::size_t dst_stride) const {
     const AffineLayout l = layout(tokens, dim);
+    // KIVI's common case (min-max, no outliers) has an allocation-free, vectorised, OpenMP path
+    // with the same bytes (affine_fast.hpp); if a group is not storable it falls through to the
+    // generic path below, which throws the error.
+    if (zero_point == ZeroPoint::minmax && l.slots == 0 && dim > 0 && dim <= quant::fast::max_dim && group > 0 &&
+        (axis == Axis::token || (axis == Axis::channel && tokens % group == 0)) &&
+        quant::fast::encode<Bits, ScaleT>(src, parts, tokens, dim, group, axis == Axis::channel, dst, dst_stride,
+                                          l.params, l.codes, l.row_bytes, l.bytes))
+      return;
     const std::size_t n = static_cast<std::size_t>(tokens * dim);
     // 1. outliers per part, and a mask of them
     std::vector<std::uint8_t> is_outlier(l.slots ? n * static_cast<std::size_t>(parts) : 0, 0);

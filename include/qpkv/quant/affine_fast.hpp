@@ -1,0 +1,319 @@
+// qpkv/quant/affine_fast.hpp - the fast path of Affine<Bits>::encode: min-max zero point, no
+// outliers (KIVI). Same bytes as the generic path in affine_quantizer.hpp, computed with
+// allocation-free loops over fixed-size stack buffers that the compiler vectorises:
+//  - group ranges: Axis::channel takes a running min/max per channel down the group's rows, in row
+//    order, exactly as the generic path; Axis::token reduces each group with 8 partial lanes and
+//    then restores the generic path's sign of zero (a sequential `x < a ? x : a` keeps the FIRST
+//    element equal to the minimum; only +0/-0 can be equal yet differ in bits);
+//  - parameters: minmax_params<ScaleT> rewritten branch-free (same bit operations as to_half /
+//    round_down / round_up in dtype.hpp and affine.hpp, as selects) over whole arrays;
+//  - codes: true division, the clamp, then round-half-even by adding 2^23 (for v in [0, 255] the
+//    float add rounds exactly as nearbyint does, and the integer is the low mantissa bits);
+//  - packing: pack.hpp per row.
+// Parts are independent, so they run under OpenMP when the call is large; every byte of a part
+// is computed by one thread with the same code, so the result does not depend on the thread count.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "qpkv/core/config.hpp"
+#include "qpkv/core/dtype.hpp"
+#include "qpkv/core/tensor.hpp"
+#include "qpkv/quant/affine.hpp"
+#include "qpkv/quant/pack.hpp"
+
+namespace qpkv::quant::fast {
+
+/// Largest head_dim (Axis::token: groups per batch) the stack buffers hold; larger goes generic.
+inline constexpr index_t max_dim = 1024;
+/// Calls with fewer input elements than this stay on the calling thread.
+inline constexpr index_t parallel_elements = index_t{1} << 16;
+
+// ---- branch-free 16-bit conversions, bit-identical to dtype.hpp's for every input ----
+// Selects are bit masks, not `?:`: GCC will not if-convert a conditional float operation (it may
+// trap), and it sinks an operand's computation into the arm that uses it.
+
+/// c ? a : b without a branch.
+inline std::uint32_t sel(bool c, std::uint32_t a, std::uint32_t b) {
+  const std::uint32_t m = 0u - static_cast<std::uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+inline std::uint32_t half_bits(float f) {  // to_half(f).bits
+  const std::uint32_t x = float_bits(f);
+  const std::uint32_t sign = (x >> 16) & 0x8000u;
+  const std::uint32_t abs = x & 0x7fffffffu;
+  const std::uint32_t nan_inf = 0x7c00u | sel(abs > 0x7f800000u, 0x200u, 0u);
+  const std::uint32_t sub = float_bits(bits_float(abs) + 0.5f) - 0x3f000000u;
+  const std::uint32_t norm = (abs + 0xc8000fffu + ((abs >> 13) & 1u)) >> 13;
+  std::uint32_t h = sel(abs < 0x38800000u, sub, norm);
+  h = sel(abs >= 0x477ff000u, 0x7c00u, h);
+  h = sel(abs >= 0x7f800000u, nan_inf, h);
+  return (sign | h) & 0xffffu;
+}
+inline float half_value(std::uint32_t h) {  // to_float(half{h})
+  const std::uint32_t sign = (h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1fu;
+  const std::uint32_t mant = h & 0x3ffu;
+  const std::uint32_t inf = sign | 0x7f800000u | (mant << 13);
+  const std::uint32_t sub = sign | float_bits(static_cast<float>(static_cast<std::int32_t>(mant)) * bits_float(0x33800000u));
+  const std::uint32_t norm = sign | ((exp + 112u) << 23) | (mant << 13);
+  std::uint32_t r = sel(exp == 0u, sub, norm);
+  r = sel(exp == 0x1fu, inf, r);
+  return bits_float(r);
+}
+inline std::uint32_t bf16_bits(float f) {  // to_bfloat16(f).bits
+  const std::uint32_t x = float_bits(f);
+  const std::uint32_t nan = (x >> 16) | 0x40u;
+  const std::uint32_t r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  return sel((x & 0x7fffffffu) > 0x7f800000u, nan, r) & 0xffffu;
+}
+inline float bf16_value(std::uint32_t b) { return bits_float(b << 16); }
+
+template <class T>
+inline std::uint32_t storage_bits(float f) {
+  if constexpr (std::is_same_v<T, half>) return half_bits(f);
+  else return bf16_bits(f);
+}
+template <class T>
+inline float storage_value(std::uint32_t b) {
+  if constexpr (std::is_same_v<T, half>) return half_value(b);
+  else return bf16_value(b);
+}
+
+/// minmax_params<ScaleT>(lo[i], hi[i], maxc) for i < n: float values to mn/sc, stored values to
+/// smn/ssc. Returns false when any is not finite (the caller then takes the generic path, which
+/// throws the generic error).
+template <class ScaleT>
+inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi, index_t n, std::uint32_t maxc,
+                   float* QPKV_RESTRICT mn, float* QPKV_RESTRICT sc, ScaleT* QPKV_RESTRICT smn,
+                   ScaleT* QPKV_RESTRICT ssc) {
+  const float fmaxc = static_cast<float>(maxc);
+  std::uint32_t bad = 0;
+  if constexpr (std::is_same_v<ScaleT, float>) {
+    for (index_t i = 0; i < n; ++i) {
+      const float m = lo[i], s = (hi[i] - lo[i]) / fmaxc;
+      mn[i] = m;
+      sc[i] = s;
+      smn[i] = m;
+      ssc[i] = s;
+      bad |= ((float_bits(m) & 0x7f800000u) == 0x7f800000u) | ((float_bits(s) & 0x7f800000u) == 0x7f800000u);
+    }
+  } else {
+    for (index_t i = 0; i < n; ++i) {
+      // round_down<ScaleT>(lo)
+      const float l = lo[i];
+      std::uint32_t t = storage_bits<ScaleT>(l);
+      const std::uint32_t down = sel(t == 0u, 0x8001u, sel((t & 0x8000u) != 0u, t + 1u, t - 1u));
+      t = sel(storage_value<ScaleT>(t) > l, down & 0xffffu, t);
+      const float m = storage_value<ScaleT>(t);
+      // round_up<ScaleT>(range / maxc) when range > 0
+      const float range = hi[i] - m;
+      const float q = range / fmaxc;
+      std::uint32_t u = storage_bits<ScaleT>(q);
+      const std::uint32_t up = sel(u == 0x8000u, 0x0001u, sel((u & 0x8000u) != 0u, u - 1u, u + 1u));
+      u = sel(storage_value<ScaleT>(u) < q, up & 0xffffu, u);
+      u = sel(range > 0.0f, u, 0u);
+      const float s = storage_value<ScaleT>(u);
+      mn[i] = m;
+      sc[i] = s;
+      smn[i].bits = static_cast<std::uint16_t>(t);
+      ssc[i].bits = static_cast<std::uint16_t>(u);
+      bad |= ((float_bits(m) & 0x7f800000u) == 0x7f800000u) | ((float_bits(s) & 0x7f800000u) == 0x7f800000u);
+    }
+  }
+  return bad == 0;
+}
+
+/// quant::encode(x, min, scale, maxc) with round-half-even through the 2^23 add; v is clamped to
+/// [0, maxc] first (NaN -> 0), so the add is exact rounding.
+inline std::uint32_t code_of(float x, float m, float s, float fmaxc) {
+  float v = (x - m) / s;
+  v = v > 0.0f ? v : 0.0f;
+  v = v < fmaxc ? v : fmaxc;
+  const std::uint32_t c = float_bits(v + 8388608.0f) - 0x4b000000u;
+  return s > 0.0f ? c : 0u;
+}
+
+/// Codes of n elements with per-element parameters.
+inline void codes_vec(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT mn, const float* QPKV_RESTRICT sc,
+                      index_t n, float fmaxc, std::uint8_t* QPKV_RESTRICT out) {
+  for (index_t i = 0; i < n; ++i) out[i] = static_cast<std::uint8_t>(code_of(x[i], mn[i], sc[i], fmaxc));
+}
+/// Codes of n elements sharing one (min, scale).
+inline void codes_one(const float* QPKV_RESTRICT x, float m, float s, index_t n, float fmaxc,
+                      std::uint8_t* QPKV_RESTRICT out) {
+  if (!(s > 0.0f)) {
+    std::memset(out, 0, static_cast<std::size_t>(n));
+    return;
+  }
+  for (index_t i = 0; i < n; ++i) out[i] = static_cast<std::uint8_t>(code_of(x[i], m, s, fmaxc));
+}
+
+/// Writes row bytes of packed codes.
+template <int Bits>
+inline void pack_row(const std::uint8_t* QPKV_RESTRICT codes, index_t n, std::uint8_t* QPKV_RESTRICT dst) {
+  if constexpr (Bits == 8) std::memcpy(dst, codes, static_cast<std::size_t>(n));
+  else pack<Bits>(codes, static_cast<std::size_t>(n), dst);
+}
+
+/// Min and max of x[0..n) as the generic path's sequential `std::min`/`std::max` loop gives them
+/// (NaN ignored; of equal values the first one, which matters only for +0/-0); an empty or all-NaN
+/// range gives (0, 0).
+inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, float& hi_out) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  float lo[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
+  float hi[8] = {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf};
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float v = x[i + j];
+      lo[j] = v < lo[j] ? v : lo[j];
+      hi[j] = hi[j] < v ? v : hi[j];
+    }
+  for (; i < n; ++i) {
+    const float v = x[i];
+    lo[0] = v < lo[0] ? v : lo[0];
+    hi[0] = hi[0] < v ? v : hi[0];
+  }
+  for (int w = 4; w > 0; w /= 2)  // tree over the lanes (the order only matters for +0/-0)
+    for (int j = 0; j < w; ++j) {
+      lo[j] = lo[j + w] < lo[j] ? lo[j + w] : lo[j];
+      hi[j] = hi[j] < hi[j + w] ? hi[j + w] : hi[j];
+    }
+  float a = lo[0], b = hi[0];
+  // sign of zero: the sequential loop keeps the first element equal to the extreme
+  if (a == 0.0f)
+    for (index_t k = 0; k < n; ++k)
+      if (x[k] == 0.0f) { a = x[k]; break; }
+  if (b == 0.0f)
+    for (index_t k = 0; k < n; ++k)
+      if (x[k] == 0.0f) { b = x[k]; break; }
+  if (a > b) a = b = 0.0f;
+  lo_out = a;
+  hi_out = b;
+}
+
+/// One part along Axis::channel (tokens a multiple of group, dim <= max_dim). Returns false if a
+/// group's parameters are not storable.
+template <int Bits, class ScaleT>
+bool encode_part_channel(const float* QPKV_RESTRICT x, index_t tokens, index_t dim, index_t group,
+                         std::uint8_t* QPKV_RESTRICT part, std::size_t codes_off, std::size_t row_bytes) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const float fmaxc = static_cast<float>(max_code(Bits));
+  const std::size_t P = static_cast<std::size_t>((tokens / group) * dim);
+  auto* ssc = reinterpret_cast<ScaleT*>(part);
+  auto* smn = reinterpret_cast<ScaleT*>(part + P * sizeof(ScaleT));
+  alignas(64) float lo[max_dim], hi[max_dim], mn[max_dim], sc[max_dim];
+  alignas(64) std::uint8_t codes[max_dim];
+  for (index_t gt = 0; gt < tokens / group; ++gt) {
+    const float* xg = x + gt * group * dim;
+    for (index_t c = 0; c < dim; ++c) {
+      lo[c] = inf;
+      hi[c] = -inf;
+    }
+    for (index_t t = 0; t < group; ++t) {
+      const float* QPKV_RESTRICT r = xg + t * dim;
+      for (index_t c = 0; c < dim; ++c) {
+        const float v = r[c];
+        lo[c] = v < lo[c] ? v : lo[c];
+        hi[c] = hi[c] < v ? v : hi[c];
+      }
+    }
+    for (index_t c = 0; c < dim; ++c) {
+      const bool empty = lo[c] > hi[c];
+      lo[c] = empty ? 0.0f : lo[c];
+      hi[c] = empty ? 0.0f : hi[c];
+    }
+    if (!params<ScaleT>(lo, hi, dim, max_code(Bits), mn, sc, smn + gt * dim, ssc + gt * dim)) return false;
+    for (index_t t = 0; t < group; ++t) {
+      codes_vec(xg + t * dim, mn, sc, dim, fmaxc, codes);
+      pack_row<Bits>(codes, dim, part + codes_off + static_cast<std::size_t>(gt * group + t) * row_bytes);
+    }
+  }
+  return true;
+}
+
+/// One part along Axis::token (dim <= max_dim).
+template <int Bits, class ScaleT>
+bool encode_part_token(const float* QPKV_RESTRICT x, index_t tokens, index_t dim, index_t group,
+                       std::uint8_t* QPKV_RESTRICT part, std::size_t codes_off, std::size_t row_bytes) {
+  const float fmaxc = static_cast<float>(max_code(Bits));
+  const index_t per_row = (dim + group - 1) / group;
+  const std::size_t P = static_cast<std::size_t>(tokens * per_row);
+  auto* ssc = reinterpret_cast<ScaleT*>(part);
+  auto* smn = reinterpret_cast<ScaleT*>(part + P * sizeof(ScaleT));
+  alignas(64) float lo[max_dim], hi[max_dim], mn[max_dim], sc[max_dim];
+  alignas(64) float mc[max_dim], scc[max_dim];
+  alignas(64) std::uint8_t codes[max_dim];
+  const index_t batch = max_dim / per_row;  // rows whose groups fit the buffers (>= 1: per_row <= dim)
+  for (index_t t0 = 0; t0 < tokens; t0 += batch) {
+    const index_t rows = tokens - t0 < batch ? tokens - t0 : batch;
+    for (index_t r = 0; r < rows; ++r) {
+      const float* xr = x + (t0 + r) * dim;
+      for (index_t gc = 0; gc < per_row; ++gc) {
+        const index_t b = gc * group, e = (gc + 1) * group < dim ? (gc + 1) * group : dim;
+        range_of(xr + b, e - b, lo[r * per_row + gc], hi[r * per_row + gc]);
+      }
+    }
+    const index_t ng = rows * per_row;
+    if (!params<ScaleT>(lo, hi, ng, max_code(Bits), mn, sc, smn + t0 * per_row, ssc + t0 * per_row)) return false;
+    for (index_t r = 0; r < rows; ++r) {
+      const float* xr = x + (t0 + r) * dim;
+      if (group >= 16) {  // one vector loop over the row with the parameters spread per channel
+        for (index_t gc = 0; gc < per_row; ++gc) {
+          const index_t b = gc * group, e = (gc + 1) * group < dim ? (gc + 1) * group : dim;
+          const float m = mn[r * per_row + gc], s = sc[r * per_row + gc];
+          for (index_t c = b; c < e; ++c) {
+            mc[c] = m;
+            scc[c] = s;
+          }
+        }
+        codes_vec(xr, mc, scc, dim, fmaxc, codes);
+      } else {
+        for (index_t gc = 0; gc < per_row; ++gc) {
+          const index_t b = gc * group, e = (gc + 1) * group < dim ? (gc + 1) * group : dim;
+          codes_one(xr + b, mn[r * per_row + gc], sc[r * per_row + gc], e - b, fmaxc, codes + b);
+        }
+      }
+      pack_row<Bits>(codes, dim, part + codes_off + static_cast<std::size_t>(t0 + r) * row_bytes);
+    }
+  }
+  return true;
+}
+
+/// Encodes `parts` slabs; returns false (having possibly written some parts) when a group's
+/// parameters are not storable, so that the caller reruns the generic path for its error.
+/// `channel`: Axis::channel (tokens % group == 0 required) else Axis::token; dim <= max_dim.
+template <int Bits, class ScaleT>
+bool encode(const float* src, index_t parts, index_t tokens, index_t dim, index_t group, bool channel,
+            std::uint8_t* dst, std::size_t dst_stride, std::size_t nparams, std::size_t codes_off,
+            std::size_t row_bytes, std::size_t part_bytes) {
+  std::atomic<bool> ok{true};
+  const std::size_t pad0 = 2 * nparams * sizeof(ScaleT);
+  const std::size_t codes_end = codes_off + static_cast<std::size_t>(tokens) * row_bytes;
+  auto one = [&](index_t p) {
+    std::uint8_t* part = dst + static_cast<std::size_t>(p) * dst_stride;
+    const float* x = src + p * tokens * dim;
+    std::memset(part + pad0, 0, codes_off - pad0);
+    std::memset(part + codes_end, 0, part_bytes - codes_end);
+    const bool good = channel ? encode_part_channel<Bits, ScaleT>(x, tokens, dim, group, part, codes_off, row_bytes)
+                              : encode_part_token<Bits, ScaleT>(x, tokens, dim, group, part, codes_off, row_bytes);
+    if (!good) ok.store(false, std::memory_order_relaxed);
+  };
+#if defined(_OPENMP)
+  const bool parallel = parts > 1 && parts * tokens * dim >= parallel_elements;
+#pragma omp parallel for schedule(dynamic, 8) if (parallel)
+  for (index_t p = 0; p < parts; ++p) one(p);
+#else
+  for (index_t p = 0; p < parts; ++p) one(p);
+#endif
+  return ok.load(std::memory_order_relaxed);
+}
+
+}  // namespace qpkv::quant::fast
