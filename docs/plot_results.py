@@ -76,14 +76,14 @@ def heatmaps(cells, method, budget, rule, out):
     lengths = sorted({int(c["tokens"]) for c in sel})
     depths = sorted({float(c["depth"]) for c in sel})
     fig, axes = plt.subplots(1, len(bits_all), figsize=(3.6 * len(bits_all), 3.6), squeeze=False)
-    for ax, b in zip(axes[0], bits_all):
+    for k, (ax, b) in enumerate(zip(axes[0], bits_all)):
         grid = [[float("nan")] * len(lengths) for _ in depths]
         for c in sel:
             if int(c["bits"]) == b:
                 grid[depths.index(float(c["depth"]))][lengths.index(int(c["tokens"]))] = 100 * float(c["retrieval"])
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{int(round(100 * d))}%" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{int(round(100 * d))}%" for d in depths] if k == 0 else [])
         ax.set_xlabel("context length")
         ax.set_title(f"{b}-bit")
         for i in range(len(depths)):
