@@ -23,12 +23,16 @@
 //  1. Local topics: 32 key topics and 32 value topics, N(0,1)^D. The sequence (N prompt tokens +
 //     the decode token) is cut into segments of uniform random length 8..64, each with a random
 //     topic. Base key k~_t = 0.6 topic + 0.8 N(0,1).
-//  2. Needle and distractors. Three unit vectors u, n, m_d (orthonormal, random, inside the band):
-//     the common query direction u, the needle signature n, one extra direction per distractor.
-//     Needle position p = 1 + round(depth (N - W - 2)): depth 0 = right after the sink, depth 1 =
-//     right before the question (the last W prompt tokens). k~_p += s n with s = 12. Four
-//     distractors ("near-miss sentences") at distinct random positions in [1, N - W - 1] \ {p}:
-//     k~_d += s (0.8 n + 0.6 m_d). They are what a pruned or noisy cache confuses the needle with.
+//  2. Needle and distractors. Random unit vectors in the band: the needle signature n in the two
+//     lowest-frequency pairs; the common query direction u and one direction m_d per distractor
+//     (u, m_d orthonormal) in the other two pairs. RoPE mixes channels only within a pair, so
+//     R(x) m_d stays orthogonal to n at every distance x. Needle position p = 1 + round(depth
+//     (N - W - 2)): depth 0 = right after the sink, depth 1 = right before the question (the last
+//     W prompt tokens). The needle's band channels are set to s n (s = 12); three distractors
+//     ("near-miss sentences") at distinct random positions in [1, N - W - 1] \ {p} get band
+//     channels s (0.8 n + 0.6 m_d), so whatever query looks for n scores a distractor at exactly
+//     0.8 x the needle (up to the rotation between their positions). They are what a pruned or
+//     noisy cache confuses the needle with.
 //  3. Keys: k~ with 4 outlier channels (random, outside the band) set to +-8 (1 + 0.3 N(0,1)) with
 //     a per-channel sign (~10x the other channels), then rotated: k_t = R(t) k~_t. Attention sink:
 //     k_0 = 1.5 sqrt(D) u + N(0, 0.05^2) before the outlier channels are set (R(0) = I).
@@ -144,7 +148,7 @@ struct RetrievalParams {
   index_t segment_max = 64;
   index_t outlier_channels = 4;
   double outlier_scale = 8.0;
-  index_t distractors = 4;
+  index_t distractors = 3;
   double distractor_similarity = 0.8;  ///< cosine of a distractor's signature with the needle's
   double signature = 12.0;             ///< s: norm of the needle signature added to its key
   index_t answers = 16;                ///< M: answer codebook size
@@ -157,8 +161,8 @@ struct RetrievalParams {
     shape.validate();
     detail::require(shape.head_dim % 2 == 0, "params.shape.head_dim", "even (RoPE pairs)", shape.head_dim);
     detail::require(window >= 1, "params.window", ">= 1", window);
-    detail::require(band_pairs >= 1 && 2 * band_pairs >= 2 + distractors && band_pairs <= shape.head_dim / 2,
-                    "params.band_pairs", "room for u, the needle and one direction per distractor", band_pairs);
+    detail::require(band_pairs >= 3 && 2 * (band_pairs - 2) >= 1 + distractors && band_pairs <= shape.head_dim / 2,
+                    "params.band_pairs", "2 pairs for the needle + room for u and one direction per distractor", band_pairs);
     detail::require(shape.head_dim - 2 * band_pairs >= outlier_channels, "params.outlier_channels",
                     "<= channels outside the band", outlier_channels);
     detail::require(topics >= 1, "params.topics", ">= 1", topics);
@@ -353,10 +357,15 @@ inline RetrievalCase make_retrieval_case(const RetrievalParams& params, index_t 
   c.full_needle_prob.assign(sz(Hq), 0.0);
   c.full_margin.assign(sz(Hq), 0.0);
 
-  const index_t band_lo = D / 2 - params.band_pairs;
-  std::vector<index_t> band;
-  for (index_t i = band_lo; i < D / 2; ++i) band.push_back(i);
-  for (index_t i = band_lo; i < D / 2; ++i) band.push_back(i + D / 2);
+  // the band: needle signature in its two lowest-frequency pairs, u and distractor directions in the rest
+  std::vector<index_t> band, sig_band, other_band;
+  for (index_t i = D / 2 - params.band_pairs; i < D / 2; ++i) {
+    auto& part = i >= D / 2 - 2 ? sig_band : other_band;
+    for (index_t ch : {i, i + D / 2}) {
+      band.push_back(ch);
+      part.push_back(ch);
+    }
+  }
   auto in_band = [&](index_t ch) { return std::find(band.begin(), band.end(), ch) != band.end(); };
 
   for (index_t h = 0; h < H; ++h) {
@@ -367,15 +376,22 @@ inline RetrievalCase make_retrieval_case(const RetrievalParams& params, index_t 
     c.answer[sz(h)] = perm[0];
     for (index_t d = 0; d < params.distractors; ++d) c.distractor_answers[sz(h * params.distractors + d)] = perm[sz(1 + d)];
 
-    // band directions: u, n, m_d
-    std::vector<std::vector<double>> dirs;
-    while (static_cast<index_t>(dirs.size()) < 2 + params.distractors) {
-      dirs.emplace_back(sz(D), 0.0);
-      for (index_t ch : band) dirs.back()[sz(ch)] = rng.normal();
-      if (!detail::orthonormalize(dirs, dirs.size() - 1)) dirs.pop_back();
-    }
+    // band directions: n in the two lowest-frequency pairs; u and the m_d (orthonormal) in the
+    // other band pairs. RoPE only mixes channels within a pair, so R(x) m_d and R(x) u stay
+    // orthogonal to n at every distance x: a distractor's match is exactly rho x the needle's.
+    auto random_unit_in = [&](const std::vector<index_t>& channels, std::vector<std::vector<double>>& set) {
+      for (;;) {
+        set.emplace_back(sz(D), 0.0);
+        for (index_t ch : channels) set.back()[sz(ch)] = rng.normal();
+        if (detail::orthonormalize(set, set.size() - 1)) return;
+        set.pop_back();
+      }
+    };
+    std::vector<std::vector<double>> sig_set, dirs;
+    random_unit_in(sig_band, sig_set);
+    for (index_t i = 0; i < 1 + params.distractors; ++i) random_unit_in(other_band, dirs);
     const std::vector<double>& u = dirs[0];
-    const std::vector<double>& sig = dirs[1];
+    const std::vector<double>& sig = sig_set[0];
 
     // topics and segments
     std::vector<double> key_topic(sz(params.topics * D)), value_topic(sz(params.topics * D));
@@ -407,12 +423,12 @@ inline RetrievalCase make_retrieval_case(const RetrievalParams& params, index_t 
     for (index_t t = 0; t < T; ++t)
       for (index_t d = 0; d < D; ++d)
         base[sz(t * D + d)] = 0.6 * key_topic[sz(topic[sz(t)] * D + d)] + 0.8 * rng.normal();
-    for (index_t d = 0; d < D; ++d) base[sz(c.needle * D + d)] += params.signature * sig[sz(d)];
+    for (index_t ch : band) base[sz(c.needle * D + ch)] = params.signature * sig[sz(ch)];
     const double rho = params.distractor_similarity, rho_perp = std::sqrt(1.0 - rho * rho);
     for (index_t i = 0; i < params.distractors; ++i) {
       const index_t p = c.distractor_positions[sz(i)];
-      for (index_t d = 0; d < D; ++d)
-        base[sz(p * D + d)] += params.signature * (rho * sig[sz(d)] + rho_perp * dirs[sz(2 + i)][sz(d)]);
+      for (index_t ch : band)
+        base[sz(p * D + ch)] = params.signature * (rho * sig[sz(ch)] + rho_perp * dirs[sz(1 + i)][sz(ch)]);
     }
 
     // 3. keys: outliers, sink, RoPE, fp16
