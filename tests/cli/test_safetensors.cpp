@@ -29,7 +29,7 @@ io::NpyArray array(const std::string& dtype, std::vector<std::int64_t> shape, co
   a.dtype = dtype;
   a.shape = std::move(shape);
   a.bytes.resize(v.size() * sizeof(T));
-  std::memcpy(a.bytes.data(), v.data(), a.bytes.size());
+  if (!v.empty()) std::memcpy(a.bytes.data(), v.data(), a.bytes.size());  // memcpy(nullptr, ..., 0) is UB
   return a;
 }
 

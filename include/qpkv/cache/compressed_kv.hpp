@@ -337,7 +337,7 @@ class CompressedKV {
     for (auto& p : positions_) p.clear();  // empty, consistent cache (tests/test_hostile.cpp)
     layout_ = plan_layout(shape_, kq_, vq_, residual_length_, C, &res);
     data_ = AlignedBuffer(layout_.total_bytes());
-    std::memset(data_.data(), 0, data_.size());
+    if (data_.size()) std::memset(data_.data(), 0, data_.size());  // an empty selection has no buffer
     const index_t B = layout_.block_tokens, nb = layout_.capacity_blocks;
     // gather the quantized part as [head][token][dim] floats, the rest into the fp16 residual
     std::vector<float> kf(static_cast<std::size_t>(H * nb * B * D)), vf(kf.size());

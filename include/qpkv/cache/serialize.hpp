@@ -539,7 +539,7 @@ inline std::vector<std::vector<index_t>> read_positions(Reader& r, CacheFileInfo
   info.sections.push_back({std::string(kTags[2]), sh.offset, sh.size, sh.sum});
   const index_t H = info.shape.kv_heads, N = info.tokens();
   std::vector<std::vector<index_t>> pos(static_cast<std::size_t>(H), std::vector<index_t>(static_cast<std::size_t>(N)));
-  for (index_t h = 0; h < H; ++h) {
+  for (index_t h = 0; h < H && N > 0; ++h) {
     std::memcpy(pos[h].data(), raw.data() + static_cast<std::size_t>(h * N) * sizeof(index_t),
                 static_cast<std::size_t>(N) * sizeof(index_t));
     for (index_t i = 0; i < N; ++i) {
