@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cli_util.hpp"
 #include "qpkv/io/npy.hpp"
 #include "qpkv/io/safetensors.hpp"
 
@@ -30,34 +31,10 @@ const std::string kKeys = kConf + "inputs_a_key_states.npy";
 const std::string kQueries = kConf + "inputs_a_query_states.npy";
 const std::string kValues = kConf + "inputs_a_value_states.npy";
 
-std::string work(const std::string& name) {
-  std::filesystem::create_directories(QPKV_CLI_WORK);
-  return std::string(QPKV_CLI_WORK) + "/" + name;
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-struct Run {
-  int rc = -1;
-  std::string out, err;
-};
-
-/// Runs `qpkv <args>` with stdout and stderr captured.
-Run qpkv_run(const std::string& args) {
-  const std::string out = work("stdout.txt"), err = work("stderr.txt");
-  const std::string cmd = std::string("\"") + QPKV_CLI + "\" " + args + " >\"" + out + "\" 2>\"" + err + "\"";
-  const int status = std::system(cmd.c_str());
-  Run r;
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
+using cli_test::qpkv_run;
+using cli_test::Run;
+using cli_test::slurp;
+using cli_test::work;
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cli_util.hpp"
 #include "qpkv/io/npy.hpp"
 #include "qpkv/model/llama.hpp"
 #include "qpkv/model/session.hpp"
@@ -25,29 +26,11 @@ namespace {
 const std::string kTiny = std::string(QPKV_TEST_DATA) + "/tinyllm/";
 const std::string kModel = std::string(QPKV_SOURCE_DIR) + "/models/stories260K/stories260K.bin";
 
-std::string work(const std::string& name) {
-  std::filesystem::create_directories(QPKV_CLI_WORK);
-  return std::string(QPKV_CLI_WORK) + "/" + name;
-}
+using cli_test::Run;
+using cli_test::slurp;
+using cli_test::work;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-struct Run {
-  int rc = -1;
-  std::string out, err;
-};
-
-Run qpkv_run(const std::string& args) {
-  const std::string out = work("model_stdout.txt"), err = work("model_stderr.txt");
-  const std::string cmd = std::string("\"") + QPKV_CLI + "\" " + args + " >\"" + out + "\" 2>\"" + err + "\"";
-  const int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
+Run qpkv_run(const std::string& args) { return cli_test::qpkv_run(args, "model_"); }
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
