@@ -102,7 +102,8 @@ inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi,
       sc[i] = s;
       smn[i] = m;
       ssc[i] = s;
-      bad |= ((float_bits(m) & 0x7f800000u) == 0x7f800000u) | ((float_bits(s) & 0x7f800000u) == 0x7f800000u);
+      bad |= static_cast<std::uint32_t>((float_bits(m) & 0x7f800000u) == 0x7f800000u) |
+             static_cast<std::uint32_t>((float_bits(s) & 0x7f800000u) == 0x7f800000u);
     }
   } else {
     for (index_t i = 0; i < n; ++i) {
@@ -124,7 +125,8 @@ inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi,
       sc[i] = s;
       smn[i].bits = static_cast<std::uint16_t>(t);
       ssc[i].bits = static_cast<std::uint16_t>(u);
-      bad |= ((float_bits(m) & 0x7f800000u) == 0x7f800000u) | ((float_bits(s) & 0x7f800000u) == 0x7f800000u);
+      bad |= static_cast<std::uint32_t>((float_bits(m) & 0x7f800000u) == 0x7f800000u) |
+             static_cast<std::uint32_t>((float_bits(s) & 0x7f800000u) == 0x7f800000u);
     }
   }
   return bad == 0;
