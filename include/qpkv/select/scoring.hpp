@@ -48,6 +48,7 @@
 #include "qpkv/core/error.hpp"
 #include "qpkv/core/tensor.hpp"
 #include "qpkv/select/keep_all.hpp"
+#include "qpkv/select/score_options.hpp"
 #include "qpkv/select/selection.hpp"
 
 #if defined(_OPENMP)
@@ -57,18 +58,6 @@
 #endif
 
 namespace qpkv {
-
-/// The 1-D smoothing SnapKV and PyramidKV apply to the summed window attention.
-enum class Pooling {
-  avg,  ///< mean over the kernel, zero padding counted (PyTorch avg_pool1d, count_include_pad=True)
-  max,  ///< max over the kernel, -inf padding (PyTorch max_pool1d)
-};
-
-/// Which keys each prompt query sees when H2O sums attention over all queries.
-enum class H2OMask {
-  causal,        ///< query t sees keys [0, t]: the attention the model actually computed
-  window_block,  ///< the seed code: only the last W×W block is causal; earlier queries see all N keys
-};
 
 /// One float32 score per prefix token (positions 0 .. N-W-1) for each KV head: scores[kv_head][t].
 using HeadScores = std::vector<std::vector<float>>;
