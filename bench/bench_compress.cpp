@@ -141,13 +141,13 @@ const bool registered = [] {
     const std::string ts = "/t" + std::to_string(t);
     for (auto [axis, an] : {std::pair{Axis::channel, "keys"}, std::pair{Axis::token, "values"}}) {
       const std::string sfx = std::string("/g32/") + an + ts;
-      RegisterBenchmark(("quantize/kivi8" + sfx).c_str(), quantize_bench<8>, axis, t)->Unit(benchmark::kMillisecond);
-      RegisterBenchmark(("quantize/kivi4" + sfx).c_str(), quantize_bench<4>, axis, t)->Unit(benchmark::kMillisecond);
-      RegisterBenchmark(("quantize/kivi2" + sfx).c_str(), quantize_bench<2>, axis, t)->Unit(benchmark::kMillisecond);
+      RegisterBenchmark(("quantize/kivi8" + sfx).c_str(), quantize_bench<8>, axis, t)->Unit(benchmark::kMillisecond)->UseRealTime();
+      RegisterBenchmark(("quantize/kivi4" + sfx).c_str(), quantize_bench<4>, axis, t)->Unit(benchmark::kMillisecond)->UseRealTime();
+      RegisterBenchmark(("quantize/kivi2" + sfx).c_str(), quantize_bench<2>, axis, t)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
-    RegisterBenchmark(("dequantize/kivi8/g32" + ts).c_str(), dequantize_bench<8>, t)->Unit(benchmark::kMillisecond);
-    RegisterBenchmark(("dequantize/kivi4/g32" + ts).c_str(), dequantize_bench<4>, t)->Unit(benchmark::kMillisecond);
-    RegisterBenchmark(("dequantize/kivi2/g32" + ts).c_str(), dequantize_bench<2>, t)->Unit(benchmark::kMillisecond);
+    RegisterBenchmark(("dequantize/kivi8/g32" + ts).c_str(), dequantize_bench<8>, t)->Unit(benchmark::kMillisecond)->UseRealTime();
+    RegisterBenchmark(("dequantize/kivi4/g32" + ts).c_str(), dequantize_bench<4>, t)->Unit(benchmark::kMillisecond)->UseRealTime();
+    RegisterBenchmark(("dequantize/kivi2/g32" + ts).c_str(), dequantize_bench<2>, t)->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   RegisterBenchmark("append/kivi8/g32", append_bench<8>)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("append/kivi4/g32", append_bench<4>)->Unit(benchmark::kMicrosecond);

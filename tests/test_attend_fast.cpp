@@ -22,8 +22,8 @@ using testing::randn;
 namespace {
 
 template <class Scheme>
-void check(index_t N, AttendPrecision precision, double bound, index_t appends = 0) {
-  const Shape s{2, 8, 128};
+void check(index_t N, AttendPrecision precision, double bound, index_t appends = 0, index_t q_heads = 8) {
+  const Shape s{2, q_heads, 128};
   auto k = randn(static_cast<std::size_t>(s.kv_heads * N * s.head_dim), 21);
   auto v = randn(k.size(), 22);
   for (index_t h = 0; h < s.kv_heads; ++h)  // outlier key channels stretch the folded query's range
@@ -67,5 +67,11 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
     SUBCASE("KIVI 8-bit, group 64") { check<Kivi<8, 8, 64>>(4200, p, bound); }
     SUBCASE("KIVI 4-bit keys, 2-bit values, group 64") { check<Kivi<4, 2, 64>>(3000, p, bound, 70); }
     SUBCASE("fp16") { check<Fp16>(4100, p, bound); }
+    // value groups of 128 and 16 channels (one group per row; two groups per 32-channel slab), GQA 3
+    // and 1 (query tiles of 2 and 1), 8-bit values with 128-token blocks (the int32 headroom limit)
+    SUBCASE("KIVI 4-bit, group 128, GQA 3") { check<Kivi<4, 4, 128>>(2600, p, bound, 5, 6); }
+    SUBCASE("KIVI 4-bit, group 16, GQA 1") { check<Kivi<4, 4, 16>>(2100, p, bound, 17, 2); }
+    SUBCASE("KIVI 8-bit keys, 4-bit values, group 128") { check<Kivi<8, 4, 128>>(2300, p, bound); }
+    SUBCASE("KIVI 8-bit, group 128, GQA 2") { check<Kivi<8, 8, 128>>(2200, p, bound, 0, 4); }
   }
 }

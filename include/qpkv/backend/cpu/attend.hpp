@@ -303,11 +303,11 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {
       if (kernel == Kernel::fp16) {
         const std::uint8_t* first = st.data + L.block_offset(h, b0);
-        avx512::fp16_tokens(first, L.block_bytes(), first + L.key_part, L.block_bytes(), b1 - b0, D, qh, g, p, true);
+        avx512::fp16_tokens(first, L.block_bytes(), first + L.key_part, L.block_bytes(), b1 - b0, D, qh, g, p);
         if (with_residual && st.residual > 0)
           avx512::fp16_tokens(st.data + L.residual_key_offset(h, 0), static_cast<std::size_t>(D) * 2,
                               st.data + L.residual_value_offset(h, 0), static_cast<std::size_t>(D) * 2, st.residual, D,
-                              qh, g, p, false);
+                              qh, g, p);
         return;
       }
     }

@@ -5,8 +5,8 @@
 // residual, for the g query heads of the head's GQA group, leaving an online-softmax partial
 // (running max m, sum l, unnormalised output acc in natural channel order). What makes it fast,
 // in the order it mattered (issue 4):
-//  - software prefetch one page (4 KiB) ahead of the block being read: the hardware prefetcher
-//    alone leaves the loop waiting on DRAM;
+//  - no software prefetch: the blocks are read in address order and the hardware prefetcher keeps
+//    up; an earlier prefetch of one page ahead cost 15-20% (measured on an idle machine);
 //  - keys (KIVI per-channel groups): 16 tokens at a time, their packed code rows transposed as
 //    16x16 dwords so each vector lane is one token; a channel's codes are then one shift + mask
 //    away, and q.k accumulates with tokens in lanes (no horizontal sums). Per key group the
@@ -53,13 +53,6 @@ struct Partial {
   float* l;
   float* acc;
 };
-
-/// Bytes of look-ahead for software prefetch: about one page (issue 4, prototype finding 1).
-inline constexpr std::size_t kPrefetchDistance = 4096;
-
-inline void prefetch_range(const std::uint8_t* p, std::size_t bytes) {
-  for (std::size_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
-}
 
 /// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, scalef); x below
 /// -87.3 gives 0.
@@ -154,19 +147,24 @@ inline void transpose16(__m512i* r) {
 /// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
 /// (bytes). q: g x D pre-scaled queries. Updates the partial.
 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb, std::size_t vstride,
-                        index_t n, index_t D, const float* q, index_t g, const Partial& p, bool prefetch) {
+                        index_t n, index_t D, const float* q, index_t g, const Partial& p) {
   constexpr index_t kTile = 32;
   float logits[8 * kTile];
   const index_t gt = std::min<index_t>(g, 8);  // query heads per pass (logits scratch)
   for (index_t t0 = 0; t0 < n; t0 += kTile) {
     const index_t nt = std::min(kTile, n - t0);
-    if (prefetch)  // Fp16 cache blocks: key and value rows of a token are adjacent, kstride apart
-      prefetch_range(kb + t0 * kstride + kPrefetchDistance, static_cast<std::size_t>(nt) * kstride);
     for (index_t qi = 0; qi < g; qi += gt) {
       const index_t nq = std::min(gt, g - qi);
       // logits
       for (index_t t = 0; t < nt; ++t) {
         const auto* kr = reinterpret_cast<const __m256i*>(kb + (t0 + t) * kstride);
+        if (qi == 0) {  // key row 8 tokens ahead and this token's value row (read after the logits)
+          const std::size_t rb = static_cast<std::size_t>(D) * 2;
+          for (std::size_t o = 0; o < rb; o += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kb + (t0 + t + 8) * kstride + o), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vb + (t0 + t) * vstride + o), _MM_HINT_T0);
+          }
+        }
         index_t i = 0;
         for (; i + 4 <= nq; i += 4) {
           __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -347,6 +345,155 @@ void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, con
   }
 }
 
+#if defined(QPKV_CPU_AVX512VNNI)
+/// The VNNI value kernel of AttendPrecision::fast (KIVI per-token values). Per block and query,
+/// the token's group scale is folded into its softmax weight, w_tg = p_t s_tg, and the weights of
+/// each group are rounded to 15-bit integers W = round(w / step), step = max_t w_tg / 32767; the
+/// min term sum_t p_t m_tg is a per-group constant. Two tokens' codes share a dword (16-bit words,
+/// token t low), so one vpdpwssd adds W_t code_t + W_t+1 code_t+1 for 16 channels. Channels are
+/// processed in slabs of 16 packed bytes (16 * 8/VB channels): code vector k of a slab holds
+/// channel 8/VB * lane + k, and the float accumulators stay in that slab order for the whole work
+/// item (natural_order() restores channel order at the end). The int32 sums are flushed to float
+/// per block: out += step * sum + mterm.
+template <int VB>
+struct ValueFast {
+  static constexpr int per = 8 / VB;  // codes per byte = code vectors per slab
+  static constexpr int U = 16 * per;  // channels per slab
+  index_t D = 0, G = 0, per_row = 0, B = 0, tpz = 0;  // tpz: tokens per 16 scales
+  bool ok = false;
+  std::vector<std::int32_t> lane_grp;  // [slab][16]: group of lane p, relative to slab_g0
+  std::vector<index_t> slab_g0;
+  std::vector<char> uniform;           // [slab]: all 16 lanes in group slab_g0
+  std::vector<float> wf;               // scratch: B * per_row folded weights of one query
+  std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
+  std::vector<float> step, mterm;      // [i][per_row] + 16
+
+  ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
+    // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, B / 2 pairs: stay inside int32
+    const double worst = static_cast<double>(b) * 32767.0 * ((1 << VB) - 1);
+    ok = D % U == 0 && D % G == 0 && G % per == 0 && per_row <= 8 && 16 % per_row == 0 && B % 2 == 0 &&
+         (B * per_row) % 16 == 0 && worst < 2147483647.0;
+    if (!ok) return;
+    tpz = 16 / per_row;
+    const index_t slabs = D / U;
+    lane_grp.resize(static_cast<std::size_t>(slabs * 16));
+    slab_g0.resize(static_cast<std::size_t>(slabs));
+    uniform.resize(static_cast<std::size_t>(slabs));
+    for (index_t u = 0; u < slabs; ++u) {
+      slab_g0[u] = (u * U) / G;
+      bool same = true;
+      for (index_t j = 0; j < 16; ++j) {
+        lane_grp[u * 16 + j] = static_cast<std::int32_t>((u * U + per * j) / G - slab_g0[u]);
+        same = same && lane_grp[u * 16 + j] == 0;
+      }
+      uniform[u] = same;
+    }
+    wf.resize(static_cast<std::size_t>(B * per_row));
+    wq.resize(static_cast<std::size_t>(nq * (B / 2) * per_row + 16));
+    step.resize(static_cast<std::size_t>(nq * per_row + 16));
+    mterm.resize(step.size());
+  }
+
+  /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block.
+  void weights(const std::uint16_t* sc, const std::uint16_t* mn, const float* p, index_t pstride, index_t nq) {
+    alignas(64) std::int32_t tok[16], words[16];
+    for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
+    // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
+    for (int o = 0; o < 16; ++o) {
+      const int pr = o / (2 * static_cast<int>(per_row)), gr = (o / 2) % static_cast<int>(per_row), par = o % 2;
+      words[o] = (2 * pr + par) * static_cast<int>(per_row) + gr;
+    }
+    const __m512i vtok = _mm512_load_si512(tok);
+    const __m256i vwords = _mm512_cvtepi32_epi16(_mm512_load_si512(words));
+    const index_t nv = B * per_row / 16;
+    for (index_t i = 0; i < nq; ++i) {
+      __m512 mx = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
+      for (index_t v = 0; v < nv; ++v) {
+        const __m512 P = _mm512_permutexvar_ps(vtok, _mm512_maskz_loadu_ps(tail_mask(tpz), p + i * pstride + v * tpz));
+        const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * 16)));
+        const __m512 M = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + v * 16)));
+        const __m512 W = _mm512_mul_ps(P, S);
+        _mm512_storeu_ps(wf.data() + v * 16, W);
+        mx = _mm512_max_ps(mx, W);
+        mt = _mm512_fmadd_ps(P, M, mt);
+      }
+      for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
+        const __m512i r = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(sh)));
+        const __m512i ri = _mm512_and_si512(r, _mm512_set1_epi32(15));
+        mx = _mm512_max_ps(mx, _mm512_permutexvar_ps(ri, mx));
+        mt = _mm512_add_ps(mt, _mm512_permutexvar_ps(ri, mt));
+      }
+      const __mmask16 gm = tail_mask(per_row);
+      const __m512 stp = _mm512_mul_ps(mx, _mm512_set1_ps(1.0f / 32767.0f));
+      _mm512_mask_storeu_ps(step.data() + i * per_row, gm, stp);
+      _mm512_mask_storeu_ps(mterm.data() + i * per_row, gm, mt);
+      // inverse step per lane (lane l is group l % per_row); 0 where a group's weights are all 0
+      const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                             _mm512_set1_ps(32767.0f), mx);
+      auto* out = reinterpret_cast<__m256i*>(wq.data() + i * (B / 2) * per_row);
+      for (index_t v = 0; v < nv; ++v) {
+        const __m512i Wi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv),
+                                                            _mm512_set1_ps(32767.0f)));
+        _mm256_storeu_si256(out + v, _mm256_permutexvar_epi16(vwords, _mm512_cvtepi32_epi16(Wi)));
+      }
+    }
+  }
+
+  /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
+  template <int NQ>
+  void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
+    const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
+    const std::size_t pair_dw = static_cast<std::size_t>(per_row);
+    for (index_t u = 0; u < D / U; ++u) {
+      const index_t g0 = slab_g0[u];
+      const bool uni = uniform[u] != 0;
+      const __m512i lg = _mm512_loadu_si512(lane_grp.data() + u * 16);
+      __m512i a[NQ][per];
+      for (int i = 0; i < NQ; ++i)
+        for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
+      const std::int32_t* w0 = wq.data() + static_cast<std::size_t>(qi) * (B / 2) * pair_dw + g0;
+      for (index_t t = 0; t < B; t += 2) {
+        const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
+        const __m512i x = _mm512_or_si512(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
+            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
+        __m512i c[per];
+        for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
+        const std::int32_t* wt = w0 + static_cast<std::size_t>(t / 2) * pair_dw;
+        for (int i = 0; i < NQ; ++i) {
+          const std::int32_t* wi = wt + static_cast<std::size_t>(i) * (B / 2) * pair_dw;
+          const __m512i w = uni ? _mm512_set1_epi32(*wi) : _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
+          for (int k = 0; k < per; ++k) a[i][k] = _mm512_dpwssd_epi32(a[i][k], c[k], w);
+        }
+      }
+      for (int i = 0; i < NQ; ++i) {
+        const float* st = step.data() + (qi + i) * per_row + g0;
+        const float* mt = mterm.data() + (qi + i) * per_row + g0;
+        const __m512 sv = uni ? _mm512_set1_ps(*st) : _mm512_permutexvar_ps(lg, _mm512_loadu_ps(st));
+        const __m512 mv = uni ? _mm512_set1_ps(*mt) : _mm512_permutexvar_ps(lg, _mm512_loadu_ps(mt));
+        float* o = acc + (qi + i) * D + u * U;
+        for (int k = 0; k < per; ++k)
+          _mm512_storeu_ps(o + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][k]), sv,
+                                                       _mm512_add_ps(_mm512_loadu_ps(o + 16 * k), mv)));
+      }
+    }
+  }
+
+  /// Slab order -> natural channel order, in place, for g rows of D.
+  void natural_order(float* acc, index_t g) const {
+    std::vector<float> tmp(static_cast<std::size_t>(D));
+    for (index_t i = 0; i < g; ++i) {
+      float* a = acc + i * D;
+      for (index_t u = 0; u < D / U; ++u)
+        for (int k = 0; k < per; ++k)
+          for (int j = 0; j < 16; ++j) tmp[u * U + per * j + k] = a[u * U + 16 * k + j];
+      std::copy(tmp.begin(), tmp.end(), a);
+    }
+  }
+};
+#endif
+
 /// Per key group: the query with the group's per-channel scales folded in, in the layout the key
 /// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1).
 template <int KB>
@@ -387,31 +534,32 @@ struct KeyFold {
       }
     }
     if (!fast) return;
-    // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127], lo in [-128, 127]
+    // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127],
+    // lo in [-128, 127]. X = Q + 128 gives hi = X >> 8 and lo = (X & 255) ^ 0x80. Each 16 channels
+    // fill 4 dwords of qhi / qlo in the order the key kernel reads: dword (w, k), byte j = channel
+    // w * cpd + j * per + k (one vpermd puts the lanes in that order).
     constexpr int per = 8 / KB;
     const index_t dwords = D / cpd;
     qhi.resize(static_cast<std::size_t>(g * dwords * per));
     qlo.resize(qhi.size());
-    std::vector<std::int32_t> qi(static_cast<std::size_t>(D)), hi(qi.size()), lo(qi.size());
+    alignas(64) std::int32_t order[16];
+    for (int o = 0; o < 16; ++o) {
+      const int w = o / (4 * per), k = (o / 4) % per, j = o % 4;
+      order[o] = w * cpd + j * per + k;
+    }
+    const __m512i vorder = _mm512_load_si512(order);
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (index_t i = 0; i < g; ++i) {
       const __m512 inv = _mm512_set1_ps(1.0f / step[i]);
+      auto* dh = reinterpret_cast<__m128i*>(qhi.data() + i * dwords * per);
+      auto* dl = reinterpret_cast<__m128i*>(qlo.data() + i * dwords * per);
       for (index_t c = 0; c < D; c += 16) {
-        const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs.data() + i * D + c), inv));
-        const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(Q, _mm512_set1_epi32(128)), 8);
-        _mm512_storeu_si512(hi.data() + c, h);
-        _mm512_storeu_si512(lo.data() + c, _mm512_sub_epi32(Q, _mm512_slli_epi32(h, 8)));
+        __m512i X = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs.data() + i * D + c), inv)),
+                                     _mm512_set1_epi32(128));
+        if constexpr (per > 1) X = _mm512_permutexvar_epi32(vorder, X);
+        _mm_storeu_si128(dh + c / 16, _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
+        _mm_storeu_si128(dl + c / 16, _mm_xor_si128(_mm512_cvtepi32_epi8(X), flip));
       }
-      for (index_t w = 0; w < dwords; ++w)
-        for (int k = 0; k < per; ++k) {
-          std::uint32_t ph = 0, pl = 0;
-          for (int j = 0; j < 4; ++j) {
-            const index_t c = w * cpd + j * per + k;
-            ph |= (static_cast<std::uint32_t>(hi[c]) & 0xffu) << (8 * j);
-            pl |= (static_cast<std::uint32_t>(lo[c]) & 0xffu) << (8 * j);
-          }
-          qhi[(i * dwords + w) * per + k] = static_cast<std::int32_t>(ph);
-          qlo[(i * dwords + w) * per + k] = static_cast<std::int32_t>(pl);
-        }
     }
   }
 };
@@ -504,13 +652,14 @@ void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout&
   std::vector<float> logits(static_cast<std::size_t>(g * B));
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 16)), mf(sf.size());
   KeyFold<KB> fold;
-  const std::size_t bb = L.block_bytes();
 #if !defined(QPKV_CPU_AVX512VNNI)
   fast = false;
+#else
+  ValueFast<VB> vf(D, plan.G, B, g);
+  const bool fast_values = fast && vf.ok;
 #endif
   for (index_t b = b0; b < b1; ++b) {
     const std::uint8_t* block = st.data + L.block_offset(h, b);
-    prefetch_range(block + kPrefetchDistance, bb);
     // keys
     const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
     const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
@@ -537,15 +686,30 @@ void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout&
     softmax_step(logits.data(), B, B, g, D, p);
     // values
     const std::uint8_t* vpart = block + L.key_part;
+#if defined(QPKV_CPU_AVX512VNNI)
+    if (fast_values) {
+      vf.weights(reinterpret_cast<const std::uint16_t*>(vpart + vl.scales),
+                  reinterpret_cast<const std::uint16_t*>(vpart + vl.mins), logits.data(), B, g);
+      const std::uint8_t* vc = vpart + vl.codes;
+      for_query_tiles(
+          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, i, p.acc); },
+          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, i, p.acc); },
+          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, i, p.acc); });
+      continue;
+    }
+#endif
     for_query_tiles(
         g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
         [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
         [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); });
   }
+#if defined(QPKV_CPU_AVX512VNNI)
+  if (fast_values) vf.natural_order(p.acc, g);
+#endif
   if (residual && st.residual > 0) {
     const std::uint8_t* rk = st.data + L.residual_key_offset(h, 0);
     const std::uint8_t* rv = st.data + L.residual_value_offset(h, 0);
-    fp16_tokens(rk, static_cast<std::size_t>(D) * 2, rv, static_cast<std::size_t>(D) * 2, st.residual, D, q, g, p, false);
+    fp16_tokens(rk, static_cast<std::size_t>(D) * 2, rv, static_cast<std::size_t>(D) * 2, st.residual, D, q, g, p);
   }
 }
 

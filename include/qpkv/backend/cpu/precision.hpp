@@ -6,12 +6,16 @@ namespace qpkv {
 /// Precision of the query-key products in attend().
 ///  - exact (default): float32 throughout; within 1e-5 relative of float64 attention over the
 ///    dequantized cache (tests/test_cache.cpp).
-///  - fast: with AVX-512 VNNI compiled in (-march with avx512vnni), q.k of quantized keys is an
-///    integer dot product: the scale-folded query of each key group is rounded to 16-bit integers
-///    (two signed 8-bit parts hi * 256 + lo, so an outlier channel does not flatten the rest) and multiplied with
-///    the unsigned codes by vpdpbusd. Within 5e-4 relative of the same float64 reference (the
-///    accuracy target of the CPU performance issue); values, softmax and the residual stay float32.
-///    Without VNNI, and for caches the integer kernel does not cover, fast is the same as exact.
+///  - fast: with AVX-512 VNNI compiled in (-march with avx512vnni), the KIVI kernel computes both
+///    products with integer dot products. q.k: the scale-folded query of each key group is rounded
+///    to 16-bit integers (two signed 8-bit parts hi * 256 + lo, so an outlier channel does not
+///    flatten the rest) and multiplied with the unsigned codes by vpdpbusd. p.v: each token's
+///    softmax weight times its value-group scale is rounded to a 15-bit integer per block and
+///    group, and two tokens' codes share a dword for vpdpwssd; the min term stays float. Within
+///    5e-4 relative of the same float64 reference (the accuracy target of the CPU performance
+///    issue; measured 0.7e-4 .. 3.2e-4 in tests/test_attend_fast.cpp); softmax and the fp16 residual
+///    stay float32. Without VNNI, and for caches the integer kernel does not cover, fast is the same
+///    as exact.
 enum class AttendPrecision { exact, fast };
 
 }  // namespace qpkv
