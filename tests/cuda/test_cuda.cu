@@ -27,7 +27,8 @@ bool device_or_skip() {
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess || n == 0) {
     (void)cudaGetLastError();
-    MESSAGE("no CUDA device: skipped (cudaGetDeviceCount: " << (e == cudaSuccess ? "0 devices" : cudaGetErrorString(e)) << ")");
+    const std::string why = e == cudaSuccess ? std::string("0 devices") : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+    MESSAGE("no CUDA device: skipped (cudaGetDeviceCount: " + why + ")");
     return false;
   }
   return true;
