@@ -33,8 +33,13 @@ QPKV_HD std::uint32_t encode(float x, float min, float scale, std::uint32_t maxc
 
 /// x' = code * scale + min (two separately rounded float32 operations, as KIVI does).
 QPKV_HD float decode(std::uint32_t code, float min, float scale) {
+#if defined(__CUDA_ARCH__)
+  // nvcc contracts a*b + c into one FMA by default; the CPU rounds twice, so must the device
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);
+#else
   const float p = static_cast<float>(code) * scale;
   return p + min;
+#endif
 }
 
 /// The largest value of storage type T that is <= f (f itself when representable).
