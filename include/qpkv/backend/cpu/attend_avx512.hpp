@@ -195,6 +195,24 @@ inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::
         const index_t mq = std::min<index_t>(4, nq - i);
         for (index_t c0 = 0; c0 < D; c0 += 64) {
           const index_t nv = std::min<index_t>(4, (D - c0) / 16);
+          if (mq == 4 && nv == 4) {  // the common case with every loop bound known at compile time
+            float* ab = pq.acc + i * D + c0;
+            __m512 acc[4][4];
+            for (int j = 0; j < 4; ++j)
+              for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_loadu_ps(ab + j * D + 16 * v);
+            for (index_t t = 0; t < nt; ++t) {
+              const auto* vr = reinterpret_cast<const __m256i*>(vb + (t0 + t) * vstride) + c0 / 16;
+              __m512 vv[4];
+              for (int v = 0; v < 4; ++v) vv[v] = _mm512_cvtph_ps(_mm256_loadu_si256(vr + v));
+              for (int j = 0; j < 4; ++j) {
+                const __m512 w = _mm512_set1_ps(logits[(i + j) * kTile + t]);
+                for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_fmadd_ps(w, vv[v], acc[j][v]);
+              }
+            }
+            for (int j = 0; j < 4; ++j)
+              for (int v = 0; v < 4; ++v) _mm512_storeu_ps(ab + j * D + 16 * v, acc[j][v]);
+            continue;
+          }
           __m512 acc[4][4];
           for (index_t j = 0; j < mq; ++j)
             for (index_t v = 0; v < nv; ++v) acc[j][v] = _mm512_loadu_ps(pq.acc + (i + j) * D + c0 + 16 * v);
