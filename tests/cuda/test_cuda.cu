@@ -28,7 +28,8 @@ bool device_or_skip() {
   if (e != cudaSuccess || n == 0) {
     (void)cudaGetLastError();
     const std::string why = e == cudaSuccess ? std::string("0 devices") : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
-    MESSAGE("no CUDA device: skipped (cudaGetDeviceCount: " + why + ")");
+    const std::string msg = "no CUDA device: skipped (cudaGetDeviceCount: " + why + ")";
+    MESSAGE(msg);
     return false;
   }
   return true;

@@ -210,14 +210,14 @@ inline void throw_flags(unsigned bits, const char* where) {
 template <class Selector, Element T>
 DeviceSelection select(const Selector& selector, const TensorView<T>& keys, const TensorView<T>& queries,
                        index_t capacity, LayerInfo layer = {}, cudaStream_t stream = 0) {
-  selector.validate(capacity, layer);
   qpkv::detail::check_view(keys, "keys");
   require_device_pointer(keys.data, "keys.data");
   const index_t n = keys.tokens;
   constexpr bool scored = std::is_same_v<Selector, SnapKV> || std::is_same_v<Selector, PyramidKV> || std::is_same_v<Selector, H2O>;
   if constexpr (std::is_same_v<Selector, KeepAll>) {
-    return detail::from_host(selector.select(keys, queries, capacity, layer), stream);
+    return detail::from_host(selector.select(keys, queries, capacity, layer), stream);  // reads no data
   } else if constexpr (scored) {
+    selector.validate(capacity, layer);
     const index_t needed = selector.queries_needed(n);
     detail::check_scoring_shapes(keys, queries, selector.window, needed);
     require_device_pointer(queries.data, "queries.data");
