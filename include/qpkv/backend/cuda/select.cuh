@@ -133,7 +133,7 @@ inline DeviceSelection top_k_plus_window(const DeviceScores& scores, index_t k, 
                                          cudaStream_t stream = 0) {
   const index_t H = scores.heads, P = scores.prefix;
   qpkv::detail::require(k >= 0 && k <= P, "k", qpkv::detail::concat("in [0, ", P, "]"), k);
-  qpkv::detail::require(P <= std::numeric_limits<int>::max(), "keys.tokens", "< 2^31 on the CUDA backend", n);
+  qpkv::detail::require(H * P <= std::numeric_limits<int>::max(), "kv_heads x prefix tokens", "< 2^31 on the CUDA backend (int positions)", H * P);
   DeviceSelection sel;
   sel.heads = H;
   sel.count = k + window;
