@@ -249,6 +249,22 @@ TEST_CASE("window scores (SnapKV, PyramidKV) and H2O column sums match the CPU w
   CHECK(flag.read(0) == 0u);
 }
 
+TEST_CASE("window scores of a long prompt (keys split across blocks in pass 1) match the CPU within 1e-4") {
+  REQUIRE_DEVICE_OR_SKIP();
+  const index_t H = 2, Hq = 4, N = 9000, D = 64, W = 32;  // 9000 keys: 5 key splits of the 16 row blocks
+  const auto k = randn(static_cast<std::size_t>(H * N * D), 3), q = randn(static_cast<std::size_t>(Hq * N * D), 4);
+  Dev<float> dk(k), dq(q);
+  cu::ErrorFlag flag(0);
+  const qpkv::HeadScores want = qpkv::snapkv_scores(qpkv::view(k.data(), H, N, D), qpkv::view(q.data(), Hq, N, D), W, 5, qpkv::Pooling::avg);
+  const std::vector<float> got =
+      cu::snapkv_scores(qpkv::view(dk.get(), H, N, D), qpkv::view(dq.get(), Hq, N, D), W, 5, qpkv::Pooling::avg, flag.device()).to_host();
+  std::vector<float> w;
+  for (const auto& row : want) w.insert(w.end(), row.begin(), row.end());
+  REQUIRE(got.size() == w.size());
+  CHECK(relative_l2(got, w) <= 1e-4);
+  CHECK(flag.read(0) == 0u);
+}
+
 TEST_CASE("device top-k on the CPU's scores keeps exactly the CPU's tokens, ties to the lower position") {
   REQUIRE_DEVICE_OR_SKIP();
   const index_t H = 3, P = 5000, W = 8;

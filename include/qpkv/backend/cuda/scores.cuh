@@ -10,8 +10,10 @@
 // base = 0; H2O window_block: full_rows = N - W).
 //
 // Two passes, so that no row x key matrix is ever stored (H2O's is N x N):
-//   row_stats    block = (query head, 8 rows), one warp per row, keys streamed through shared memory
-//                in tiles of 32 (lane = key): online max and sum of exp -> m[r], l[r].
+//   row_stats    block = (query head, 8 rows, key split), one warp per row, keys streamed through
+//                shared memory in tiles of 32 (lane = key): online max and sum of exp; with few rows
+//                (SnapKV's W) the keys are split across blocks and merge_row_stats combines the
+//                splits -> m[r], l[r].
 //   column_sums  block = (KV head, 32 keys), the key tile stays in shared memory while the group's
 //                query rows stream past 8 at a time (warp = row, lane = key): p = exp(x - m) / l, the
 //                8 rows summed per key in row order. Row chunks that cannot see the tile are skipped.
@@ -22,6 +24,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -93,7 +96,8 @@ __device__ inline float dot_rows(const float* q, const float* k, index_t D) {
 }
 
 template <Element T>
-__global__ void row_stats(TensorView<T> keys, TensorView<T> queries, ObservingRows obs, float* m_out, float* l_out) {
+__global__ void row_stats(TensorView<T> keys, TensorView<T> queries, ObservingRows obs, index_t split_keys, float* m_out,
+                          float* l_out) {
   extern __shared__ float smem[];
   const index_t D = keys.dim, N = keys.tokens, group = queries.heads / keys.heads;
   float* ks = smem;                        // [32][D + 1]
@@ -109,7 +113,9 @@ __global__ void row_stats(TensorView<T> keys, TensorView<T> queries, ObservingRo
   index_t max_vis = 0;
   for (index_t i = 0; i < kRows && r0 + i < obs.rows; ++i) max_vis = max(max_vis, obs.visible(r0 + i, N));
   float m = -INFINITY, l = 0.0f;
-  for (index_t t0 = 0; t0 < max_vis; t0 += kTile) {
+  const index_t k_begin = static_cast<index_t>(blockIdx.z) * split_keys;
+  const index_t k_end = min(max_vis, k_begin + split_keys);
+  for (index_t t0 = k_begin; t0 < k_end; t0 += kTile) {
     __syncthreads();
     load_key_tile(keys, kvh, t0, ks);
     __syncthreads();
@@ -131,9 +137,27 @@ __global__ void row_stats(TensorView<T> keys, TensorView<T> queries, ObservingRo
     }
   }
   if (lane == 0 && r < obs.rows) {
-    m_out[h * obs.rows + r] = m;
-    l_out[h * obs.rows + r] = l;
+    const std::size_t o = (static_cast<std::size_t>(h) * obs.rows + r) * gridDim.z + blockIdx.z;
+    m_out[o] = m;
+    l_out[o] = l;
   }
+}
+
+/// Combines the key splits of row_stats, in split order: (m, l) per (query head, row).
+template <int = 0>
+__global__ void merge_row_stats(const float* m_part, const float* l_part, index_t n, index_t splits, float* m_out,
+                                float* l_out) {
+  const long long id = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= n) return;
+  float m = -INFINITY;
+  for (index_t s = 0; s < splits; ++s) m = fmaxf(m, m_part[id * splits + s]);
+  float l = 0.0f;
+  for (index_t s = 0; s < splits; ++s) {
+    const float ms = m_part[id * splits + s];
+    if (ms != -INFINITY) l += l_part[id * splits + s] * expf(ms - m);
+  }
+  m_out[id] = m;
+  l_out[id] = l;
 }
 
 template <Element T>
@@ -212,12 +236,30 @@ DeviceScores attention_sums(const TensorView<T>& keys, const TensorView<T>& quer
   qpkv::detail::require(D <= kMaxHeadDim, "keys.dim", qpkv::detail::concat("<= ", kMaxHeadDim, " on the CUDA backend"), D);
   DeviceScores s{make_device<float>(static_cast<std::size_t>(keys.heads * prefix)), keys.heads, prefix};
   if (prefix == 0) return s;
-  DeviceBuffer m = make_device<float>(static_cast<std::size_t>(queries.heads * obs.rows));
-  DeviceBuffer l = make_device<float>(static_cast<std::size_t>(queries.heads * obs.rows));
+  // Split the keys of pass 1 when there are few observing rows (SnapKV: W), so that a long prompt
+  // still gives the device enough blocks: about 2048 blocks, at least 2048 keys per split.
+  const index_t row_blocks = (obs.rows + kernels::kRows - 1) / kernels::kRows * queries.heads;
+  const index_t max_splits = std::max<index_t>(1, (keys.tokens + 2047) / 2048);
+  const index_t splits = std::min<index_t>(max_splits, std::max<index_t>(1, 2048 / row_blocks));
+  const index_t split_keys = (keys.tokens + splits - 1) / splits;
+  const std::size_t stats = static_cast<std::size_t>(queries.heads * obs.rows);
+  DeviceBuffer m = make_device<float>(stats), l = make_device<float>(stats);
+  DeviceBuffer mp, lp;
+  if (splits > 1) {
+    mp = make_device<float>(stats * static_cast<std::size_t>(splits));
+    lp = make_device<float>(stats * static_cast<std::size_t>(splits));
+  }
   const std::size_t stats_smem = static_cast<std::size_t>(kernels::kTile * (D + 1) + kernels::kRows * D) * sizeof(float);
-  const dim3 g1(static_cast<unsigned>((obs.rows + kernels::kRows - 1) / kernels::kRows), static_cast<unsigned>(queries.heads));
-  kernels::row_stats<T><<<g1, kernels::kRows * 32, stats_smem, stream>>>(keys, queries, obs, m.as<float>(), l.as<float>());
+  const dim3 g1(static_cast<unsigned>((obs.rows + kernels::kRows - 1) / kernels::kRows), static_cast<unsigned>(queries.heads),
+                static_cast<unsigned>(splits));
+  kernels::row_stats<T><<<g1, kernels::kRows * 32, stats_smem, stream>>>(
+      keys, queries, obs, split_keys, splits > 1 ? mp.as<float>() : m.as<float>(), splits > 1 ? lp.as<float>() : l.as<float>());
   QPKV_CUDA_CHECK(cudaGetLastError());
+  if (splits > 1) {
+    kernels::merge_row_stats<><<<kernels::blocks_for(static_cast<long long>(stats)), kernels::kThreads, 0, stream>>>(
+        mp.as<float>(), lp.as<float>(), static_cast<index_t>(stats), splits, m.as<float>(), l.as<float>());
+    QPKV_CUDA_CHECK(cudaGetLastError());
+  }
   const std::size_t sums_smem = stats_smem + static_cast<std::size_t>(kernels::kRows * kernels::kTile) * sizeof(float);
   const dim3 g2(static_cast<unsigned>((prefix + kernels::kTile - 1) / kernels::kTile), static_cast<unsigned>(keys.heads));
   kernels::column_sums<T><<<g2, kernels::kRows * 32, sums_smem, stream>>>(keys, queries, obs, prefix, m.as<float>(),
