@@ -92,39 +92,43 @@ struct PartReader;
 
 template <int Bits, class ScaleT>
 struct PartReader<Affine<Bits, ScaleT>> {
-  std::size_t scales = 0, mins = 0, codes = 0, row_bytes = 0;
-  index_t group = 1, per_row = 1, dim = 0;
+  // 32-bit index math: 64-bit division is a long instruction sequence on the device
+  std::uint32_t scales = 0, mins = 0, codes = 0, row_bytes = 0;
+  int group = 1, per_row = 1, dim = 0;
   bool channel = true;
 
   PartReader() = default;
   PartReader(const Affine<Bits, ScaleT>& q, index_t tokens, index_t dim_) {
     const AffineLayout l = q.layout(tokens, dim_);
-    scales = l.scales;
-    mins = l.mins;
-    codes = l.codes;
-    row_bytes = l.row_bytes;
-    group = q.group;
-    dim = dim_;
-    per_row = (dim_ + q.group - 1) / q.group;
+    qpkv::detail::require(l.bytes < (std::size_t{1} << 31), "part bytes", "< 2^31 on the CUDA backend", l.bytes);
+    scales = static_cast<std::uint32_t>(l.scales);
+    mins = static_cast<std::uint32_t>(l.mins);
+    codes = static_cast<std::uint32_t>(l.codes);
+    row_bytes = static_cast<std::uint32_t>(l.row_bytes);
+    group = static_cast<int>(q.group);
+    dim = static_cast<int>(dim_);
+    per_row = static_cast<int>((dim_ + q.group - 1) / q.group);
     channel = q.axis == Axis::channel;
   }
-  __device__ float at(const std::uint8_t* part, index_t t, index_t c) const {
-    const index_t g = channel ? (t / group) * dim + c : t * per_row + c / group;
+  /// t < tokens of the part, c < dim.
+  __device__ float at(const std::uint8_t* part, index_t t64, index_t c64) const {
+    const int t = static_cast<int>(t64), c = static_cast<int>(c64);
+    const int g = channel ? (t / group) * dim + c : t * per_row + c / group;
     const auto* sc = reinterpret_cast<const ScaleT*>(part + scales);
     const auto* mn = reinterpret_cast<const ScaleT*>(part + mins);
-    const std::uint32_t code = quant::unpack_one<Bits>(part + codes + static_cast<std::size_t>(t) * row_bytes,
-                                                       static_cast<std::size_t>(c));
+    const std::uint32_t code = quant::unpack_one<Bits>(part + codes + static_cast<std::uint32_t>(t) * row_bytes,
+                                                       static_cast<std::uint32_t>(c));
     return quant::decode(code, to_float(mn[g]), to_float(sc[g]));
   }
 };
 
 template <>
 struct PartReader<Fp16> {
-  index_t dim = 0;
+  int dim = 0;
   PartReader() = default;
-  PartReader(const Fp16&, index_t, index_t dim_) : dim(dim_) {}
+  PartReader(const Fp16&, index_t, index_t dim_) : dim(static_cast<int>(dim_)) {}
   __device__ float at(const std::uint8_t* part, index_t t, index_t c) const {
-    return to_float(reinterpret_cast<const half*>(part)[t * dim + c]);
+    return to_float(reinterpret_cast<const half*>(part)[static_cast<int>(t) * dim + static_cast<int>(c)]);
   }
 };
 
