@@ -3,8 +3,10 @@
 // residual, outliers and a capacity; the rest are the keys, values and queries -- either raw float
 // bit patterns (NaN, Inf, denormals, 1e38) or small integers times a power-of-two scale.
 // Oracles: every failure is a qpkv::Error; a cache that accepted its input attends to finite values
-// within 1e-3 of the float64 reference over its own dequantized contents, and dequantizes to
+// within 1e-3 of the float64 reference over its own dequantized contents (plus 1e-5 of the largest
+// value's magnitude, for outputs where values cancel), and dequantizes to
 // finite values; appending a token and attending again keeps those properties.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -48,13 +50,18 @@ void check_attention(const qpkv::AnyCompressedKV& c, const std::vector<float>& q
   for (float x : d.values)
     if (!std::isfinite(x)) std::abort();
   qpkv::dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), c.softmax_scale());
-  double num = 0, den = 0;
+  double num = 0, den = 0, vmax = 0;
+  for (float x : d.values) vmax = std::max(vmax, std::fabs(double(x)));
   for (std::size_t i = 0; i < out.size(); ++i) {
     if (!std::isfinite(out[i])) std::abort();
     num += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
     den += double(ref[i]) * ref[i];
   }
-  if (std::isfinite(den) && std::sqrt(num) > 1e-3 * std::sqrt(den) + 1e-20) std::abort();
+  // Relative to the output, plus float rounding relative to the values: the output is a convex
+  // combination of values, so when they cancel (e.g. -0.25 x 3 and 0.75 with equal weights) the
+  // reference's 3e-18 against qpkv's exact 0 is rounding, not an error (found by this fuzzer).
+  const double allowed = 1e-3 * std::sqrt(den) + 1e-5 * vmax * std::sqrt(double(out.size())) + 1e-30;
+  if (std::isfinite(den) && std::sqrt(num) > allowed) std::abort();
 }
 
 }  // namespace
