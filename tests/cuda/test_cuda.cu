@@ -142,15 +142,17 @@ std::vector<float> device_attend(const Cache& cache, const std::vector<float>& q
   return dout.host();
 }
 
-template <class Sel, class KQ, class VQ>
+/// Compress (and append) the same random layer, of element type E, into a CPU and a device cache;
+/// then bytes, positions and dequantized values must be equal and attention within 1e-4.
+template <class Sel, class KQ, class VQ, class E = float>
 void compare_caches(qpkv::Shape s, index_t n, index_t capacity, unsigned seed, Sel sel = {}, KQ kq = {}, VQ vq = {},
                     qpkv::CacheOptions opt = {}, index_t appends = 0) {
-  const auto k = randn(static_cast<std::size_t>(s.kv_heads * n * s.head_dim), seed);
-  const auto v = randn(k.size(), seed + 1);
-  const auto q = randn(static_cast<std::size_t>(s.q_heads * n * s.head_dim), seed + 2);
+  const auto k = convert<E>(randn(static_cast<std::size_t>(s.kv_heads * n * s.head_dim), seed));
+  const auto v = convert<E>(randn(k.size(), seed + 1));
+  const auto q = convert<E>(randn(static_cast<std::size_t>(s.q_heads * n * s.head_dim), seed + 2));
   qpkv::CompressedKV<Sel, KQ, VQ> cpu(s, sel, kq, vq, opt);
   qpkv::CompressedKV<Sel, KQ, VQ, qpkv::backend::Cuda> gpu(s, sel, kq, vq, opt);
-  Dev<float> dk(k), dv(v), dq(q);
+  Dev<E> dk(k), dv(v), dq(q);
   using qpkv::view;
   cpu.compress(view(k.data(), s.kv_heads, n, s.head_dim), view(v.data(), s.kv_heads, n, s.head_dim),
                view(q.data(), s.q_heads, n, s.head_dim), capacity);
@@ -168,18 +170,20 @@ void compare_caches(qpkv::Shape s, index_t n, index_t capacity, unsigned seed, S
     const qpkv::DenseKV dc = cpu.dequantize(), dg = gpu.dequantize();
     CHECK(dc.keys == dg.keys);
     CHECK(dc.values == dg.values);
-    const auto qd = randn(static_cast<std::size_t>(s.q_heads * s.head_dim), seed + 7);
+    const auto qd = convert<E>(randn(static_cast<std::size_t>(s.q_heads * s.head_dim), seed + 7));
     std::vector<float> want(qd.size());
     cpu.attend(qd.data(), want.data());
-    const std::vector<float> got = device_attend(gpu, qd);
-    CHECK(relative_l2(got, want) <= 1e-4);
+    Dev<E> dqd(qd);
+    Dev<float> dout(qd.size());
+    gpu.attend(dqd.get(), dout.get());
+    CHECK(relative_l2(dout.host(), want) <= 1e-4);
   };
   check_same();
   for (index_t i = 0; i < appends; ++i) {
-    const auto nk = randn(static_cast<std::size_t>(s.kv_heads * s.head_dim), seed + 100 + static_cast<unsigned>(i));
-    const auto nv = randn(nk.size(), seed + 200 + static_cast<unsigned>(i));
+    const auto nk = convert<E>(randn(static_cast<std::size_t>(s.kv_heads * s.head_dim), seed + 100 + static_cast<unsigned>(i)));
+    const auto nv = convert<E>(randn(nk.size(), seed + 200 + static_cast<unsigned>(i)));
     cpu.append(nk.data(), nv.data());
-    Dev<float> dnk(nk), dnv(nv);
+    Dev<E> dnk(nk), dnv(nv);
     gpu.append(dnk.get(), dnv.get());
   }
   if (appends) check_same();
@@ -368,6 +372,12 @@ TEST_CASE("compress + append: the device cache equals the CPU cache byte for byt
   SUBCASE("SnapKV + KIVI-4") { compare_caches<SnapKV, Kivi<4>, Kivi<4>>({2, 8, 64}, 900, 256, 7); }
   SUBCASE("H2O + KIVI-2") { compare_caches<H2O, Kivi<2>, Kivi<2>>({2, 4, 64}, 500, 128, 8); }
   SUBCASE("GQA 16, many chunks") { compare_caches<KeepAll, Kivi<4>, Kivi<4>>({1, 16, 128}, 20000, 0, 9); }
+  SUBCASE("fp16 inputs (SnapKV + KIVI-4, residual 32, appends)") {
+    compare_caches<SnapKV, Kivi<4, 4, 32, 32>, Kivi<4, 4, 32, 32>, qpkv::half>({2, 8, 128}, 700, 200, 10, {}, {}, {}, {}, 40);
+  }
+  SUBCASE("bfloat16 inputs (PyramidKV + KIVI-2)") {
+    compare_caches<PyramidKV, Kivi<2>, Kivi<2>, bfloat16>({2, 4, 64}, 800, 160, 11, {}, {}, {}, {}, 3);
+  }
 }
 
 TEST_CASE("case a: SnapKV + KIVI-4 on the device keeps the reference tokens, the CPU's bytes and its attention") {
@@ -443,6 +453,10 @@ TEST_CASE("errors: host pointers, absurd allocations, non-finite inputs and unsu
     CHECK_THROWS_WITH_AS(cache.attend(host.data(), out.data()), doctest::Contains("q: expected a device"), Error);
     CHECK_THROWS_AS(cache.append(host.data(), host.data()), Error);
     CHECK(cache.tokens() == 64);  // unchanged
+    std::vector<float> bad_q(64, 0.0f);
+    bad_q[3] = std::numeric_limits<float>::quiet_NaN();
+    Dev<float> dq(bad_q), dout(std::size_t{64});
+    CHECK_THROWS_WITH_AS(cache.attend(dq.get(), dout.get()), doctest::Contains("finite"), Error);
   }
   SUBCASE("an absurd allocation reports cudaMalloc's error") {
     CHECK_THROWS_WITH_AS(cu::DeviceBuffer(std::size_t{1} << 60), doctest::Contains("cudaMalloc"), Error);
