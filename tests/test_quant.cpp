@@ -2,10 +2,13 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "test_util.hpp"
+#include "qpkv/quant/affine_fast.hpp"
 #include "qpkv/quant/affine_quantizer.hpp"
 #include "qpkv/quant/fp16.hpp"
 #include "qpkv/quant/kivi.hpp"
@@ -246,4 +249,40 @@ TEST_CASE("the worked example of docs/format.md produces exactly the documented 
   const std::vector<std::uint8_t> value_bytes = {0x00, 0x3c, 0x56, 0x39, 0x56, 0x35, 0x00, 0x38, 0x00, 0xc0,
                                                  0x00, 0xbc, 0x00, 0x00, 0x00, 0x00, 0x8e, 0x8e, 0x4f, 0x2b};
   CHECK(pv == value_bytes);
+}
+
+// The fast encode path's group range must be the generic path's bit for bit: a sequential
+// std::min / std::max (NaN ignored, the first of +0 / -0 kept), (0, 0) when nothing is left. With
+// -march=native (test_quant_native) this runs the AVX-512 reduction used for 16-multiple groups.
+TEST_CASE("fast::range_of equals the sequential min/max, signed zeros and NaN included") {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float specials[] = {0.0f, -0.0f, nan, 1e-40f, -1e-40f};
+  for (index_t n : {1, 7, 16, 31, 32, 48, 64, 100, 128}) {
+    for (int trial = 0; trial < 200; ++trial) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      const int mode = trial % 5;  // plain, sprinkled specials, all zeros of mixed sign, all NaN, zeros + NaN
+      for (auto& v : x) {
+        const unsigned r = rng() % 8;
+        if (mode == 0) v = u(rng);
+        else if (mode == 1) v = r < 3 ? specials[rng() % 5] : u(rng);
+        else if (mode == 2) v = r < 4 ? 0.0f : -0.0f;
+        else if (mode == 3) v = nan;
+        else v = r < 3 ? nan : (r < 6 ? -0.0f : 0.0f);
+      }
+      float a = std::numeric_limits<float>::infinity(), b = -a;
+      for (float v : x) {
+        a = std::min(a, v);
+        b = std::max(b, v);
+      }
+      if (a > b) a = b = 0.0f;
+      float lo = 1, hi = 1;
+      quant::fast::range_of(x.data(), n, lo, hi);
+      CAPTURE(n);
+      CAPTURE(mode);
+      CHECK(std::memcmp(&lo, &a, 4) == 0);
+      CHECK(std::memcmp(&hi, &b, 4) == 0);
+    }
+  }
 }

@@ -37,7 +37,14 @@ QPKV_HD float decode(std::uint32_t code, float min, float scale) {
   // nvcc contracts a*b + c into one FMA by default; the CPU rounds twice, so must the device
   return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);
 #else
-  const float p = static_cast<float>(code) * scale;
+  float p = static_cast<float>(code) * scale;
+  // GCC in GNU modes (-std=gnu++*, CMake's default) contracts a*b + c into one FMA whenever the
+  // target has FMA (-march=native), which rounds once; an empty asm keeps the product rounded.
+#if defined(__GNUC__) && defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#endif
   return p + min;
 #endif
 }

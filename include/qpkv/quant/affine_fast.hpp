@@ -21,6 +21,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "qpkv/backend/cpu/simd.hpp"
 #include "qpkv/core/config.hpp"
 #include "qpkv/core/dtype.hpp"
 #include "qpkv/core/tensor.hpp"
@@ -169,26 +170,42 @@ inline void pack_row(const std::uint8_t* QPKV_RESTRICT codes, index_t n, std::ui
 /// range gives (0, 0).
 inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, float& hi_out) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  float lo[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
-  float hi[8] = {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf};
-  index_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      const float v = x[i + j];
-      lo[j] = v < lo[j] ? v : lo[j];
-      hi[j] = hi[j] < v ? v : hi[j];
+  float a, b;
+#if defined(QPKV_CPU_AVX512)
+  if (n % 16 == 0) {  // min_ps(v, lo) is `v < lo ? v : lo` (a NaN v keeps lo), max_ps(v, hi) likewise
+    __m512 vlo = _mm512_set1_ps(inf), vhi = _mm512_set1_ps(-inf);
+    for (index_t i = 0; i < n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      vlo = _mm512_min_ps(v, vlo);
+      vhi = _mm512_max_ps(v, vhi);
     }
-  for (; i < n; ++i) {
-    const float v = x[i];
-    lo[0] = v < lo[0] ? v : lo[0];
-    hi[0] = hi[0] < v ? v : hi[0];
+    a = _mm512_reduce_min_ps(vlo);
+    b = _mm512_reduce_max_ps(vhi);
+  } else
+#endif
+  {
+    float lo[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
+    float hi[8] = {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf};
+    index_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int j = 0; j < 8; ++j) {
+        const float v = x[i + j];
+        lo[j] = v < lo[j] ? v : lo[j];
+        hi[j] = hi[j] < v ? v : hi[j];
+      }
+    for (; i < n; ++i) {
+      const float v = x[i];
+      lo[0] = v < lo[0] ? v : lo[0];
+      hi[0] = hi[0] < v ? v : hi[0];
+    }
+    for (int w = 4; w > 0; w /= 2)  // tree over the lanes (the order only matters for +0/-0)
+      for (int j = 0; j < w; ++j) {
+        lo[j] = lo[j + w] < lo[j] ? lo[j + w] : lo[j];
+        hi[j] = hi[j] < hi[j + w] ? hi[j + w] : hi[j];
+      }
+    a = lo[0];
+    b = hi[0];
   }
-  for (int w = 4; w > 0; w /= 2)  // tree over the lanes (the order only matters for +0/-0)
-    for (int j = 0; j < w; ++j) {
-      lo[j] = lo[j + w] < lo[j] ? lo[j + w] : lo[j];
-      hi[j] = hi[j] < hi[j + w] ? hi[j + w] : hi[j];
-    }
-  float a = lo[0], b = hi[0];
   // sign of zero: the sequential loop keeps the first element equal to the extreme
   if (a == 0.0f)
     for (index_t k = 0; k < n; ++k)
