@@ -2,7 +2,8 @@
 // outliers (KIVI). Same bytes as the generic path in affine_quantizer.hpp, computed with
 // allocation-free loops over fixed-size stack buffers that the compiler vectorises:
 //  - group ranges: Axis::channel takes a running min/max per channel down the group's rows, in row
-//    order, exactly as the generic path; Axis::token reduces each group with 8 partial lanes and
+//    order, exactly as the generic path; Axis::token reduces each group with 8 partial lanes (one
+//    AVX-512 min/max per 16 elements when compiled in and the group is a multiple of 16) and
 //    then restores the generic path's sign of zero (a sequential `x < a ? x : a` keeps the FIRST
 //    element equal to the minimum; only +0/-0 can be equal yet differ in bits);
 //  - parameters: minmax_params<ScaleT> rewritten branch-free (same bit operations as to_half /
