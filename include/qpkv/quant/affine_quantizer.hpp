@@ -202,12 +202,33 @@ struct Affine {
     const AffineLayout l = layout(tokens, dim);
     const auto* sc = reinterpret_cast<const ScaleT*>(part + l.scales);
     const auto* mn = reinterpret_cast<const ScaleT*>(part + l.mins);
+    // Row by row: unpack the row once, convert each group's parameters once (per channel for a
+    // whole token group, or per group of the row), then the element rule of quant::decode.
+    std::vector<std::uint8_t> codes(static_cast<std::size_t>(dim));
+    std::vector<float> mf, sf;
+    const index_t per_row = (dim + group - 1) / group;
     for (index_t t = 0; t < tokens; ++t) {
-      const std::uint8_t* row = part + l.codes + static_cast<std::size_t>(t) * l.row_bytes;
-      for (index_t c = 0; c < dim; ++c) {
-        const std::size_t g = group_of(t, c, dim);
-        out[t * dim + c] = quant::decode(quant::unpack_one<Bits>(row, static_cast<std::size_t>(c)),
-                                         to_float(mn[g]), to_float(sc[g]));
+      quant::unpack<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(dim),
+                          codes.data());
+      float* o = out + t * dim;
+      if (axis == Axis::channel) {
+        if (t % group == 0 || mf.empty()) {
+          const std::size_t base = group_of(t, 0, dim);
+          mf.resize(static_cast<std::size_t>(dim));
+          sf.resize(static_cast<std::size_t>(dim));
+          for (index_t c = 0; c < dim; ++c) {
+            mf[c] = to_float(mn[base + c]);
+            sf[c] = to_float(sc[base + c]);
+          }
+        }
+        for (index_t c = 0; c < dim; ++c) o[c] = quant::decode(codes[c], mf[c], sf[c]);
+      } else {
+        for (index_t gc = 0; gc < per_row; ++gc) {
+          const std::size_t g = static_cast<std::size_t>(t * per_row + gc);
+          const float m = to_float(mn[g]), sv = to_float(sc[g]);
+          const index_t end = std::min(dim, (gc + 1) * group);
+          for (index_t c = gc * group; c < end; ++c) o[c] = quant::decode(codes[c], m, sv);
+        }
       }
     }
     apply_outliers(part, l, out);
