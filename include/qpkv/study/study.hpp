@@ -253,6 +253,26 @@ inline VariantKey key_of(Rule r, Method m, int bits, int den) {
   return {static_cast<int>(r), static_cast<int>(m), bits, den};
 }
 
+/// Calls fn(rule, method, bits, budget) for every variant of the study's grid, in table order.
+template <class Fn>
+void for_each_variant(const StudyOptions& o, Fn&& fn) {
+  for (Rule rule : o.rules)
+    for (Method m : o.methods)
+      for (int b : o.bits)
+        for (int den : o.budgets) fn(rule, m, b, den);
+}
+
+/// A result row of benchmark `bench` with its variant filled in.
+inline Row variant_row(const char* bench, Rule rule, Method m, int bits, int den) {
+  Row row;
+  row.bench = bench;
+  row.rule = rule;
+  row.method = m;
+  row.bits = bits;
+  row.budget = den;
+  return row;
+}
+
 struct Acc {
   double n = 0, capacity = 0, tokens = 0, bytes = 0, budget = 0, a = 0, b = 0, c = 0;
   double cn = 0;  ///< count for c when it is a conditional mean (copy accuracy)
@@ -274,12 +294,10 @@ inline void run_retrieval(const StudyOptions& o, StudyResults& r, std::ostream& 
     const index_t N = o.lengths[li];
     // plans depend on N only
     std::map<detail::VariantKey, detail::Plan> plans;
-    for (Rule rule : o.rules)
-      for (Method m : o.methods)
-        for (int b : o.bits)
-          for (int den : o.budgets)
-            plans[detail::key_of(rule, m, b, den)] = detail::plan_variant(
-                shape, N, m == Method::pyramidkv ? o.pyramid_layers : 1, detail::kv_config(m, b, o, W), den, rule, o.group);
+    detail::for_each_variant(o, [&](Rule rule, Method m, int b, int den) {
+      plans[detail::key_of(rule, m, b, den)] = detail::plan_variant(
+          shape, N, m == Method::pyramidkv ? o.pyramid_layers : 1, detail::kv_config(m, b, o, W), den, rule, o.group);
+    });
     for (std::size_t di = 0; di < o.depths.size(); ++di) {
       const double depth = o.depths[di];
       const auto tc = std::chrono::steady_clock::now();
@@ -298,15 +316,12 @@ inline void run_retrieval(const StudyOptions& o, StudyResults& r, std::ostream& 
       HeadScores h2o;
       if (std::find(o.methods.begin(), o.methods.end(), Method::h2o) != o.methods.end())
         h2o = h2o_scores(keys, queries, W, H2OMask::causal);
-      for (Rule rule : o.rules)
-        for (Method m : o.methods)
-          for (int b : o.bits)
-            for (int den : o.budgets) {
+      detail::for_each_variant(o, [&](Rule rule, Method m, int b, int den) {
               const detail::Plan& plan = plans.at(detail::key_of(rule, m, b, den));
               detail::Acc& a = acc[detail::key_of(rule, m, b, den)];
               if (!plan.feasible) {
                 a.feasible = false;
-                continue;
+                return;
               }
               const KVConfig cfg = detail::kv_config(m, b, o, W);
               const index_t C = plan.capacity;
@@ -355,23 +370,15 @@ inline void run_retrieval(const StudyOptions& o, StudyResults& r, std::ostream& 
               a.a += rate;
               a.b += needle_kept;
               a.c += err;
-            }
+      });
       ++cell_index;
       log << "study: retrieval " << cell_index << "/" << cells_total << "  N " << N << " depth " << depth << "  ("
           << std::fixed << std::setprecision(1) << detail::seconds_since(tc) << " s)" << std::defaultfloat << std::endl;
     }
   }
-  for (Rule rule : o.rules)
-    for (Method m : o.methods)
-      for (int b : o.bits)
-        for (int den : o.budgets) {
+  detail::for_each_variant(o, [&](Rule rule, Method m, int b, int den) {
           const detail::Acc& a = acc[detail::key_of(rule, m, b, den)];
-          Row row;
-          row.bench = "retrieval";
-          row.rule = rule;
-          row.method = m;
-          row.bits = b;
-          row.budget = den;
+          Row row = detail::variant_row("retrieval", rule, m, b, den);
           row.feasible = a.feasible && a.n > 0;
           if (row.feasible) {
             row.capacity = a.capacity / a.n;
@@ -384,7 +391,7 @@ inline void run_retrieval(const StudyOptions& o, StudyResults& r, std::ostream& 
             row.error = a.c / a.n;
           }
           r.rows.push_back(row);
-        }
+  });
   r.retrieval_seconds = detail::seconds_since(t0);
 }
 
@@ -501,23 +508,15 @@ inline void run_model(const StudyOptions& o, StudyResults& r, std::ostream& log)
   r.copy_positions = copy_n;
   const std::size_t total = o.rules.size() * o.methods.size() * o.bits.size() * o.budgets.size();
   std::size_t done = 0;
-  for (Rule rule : o.rules)
-    for (Method meth : o.methods)
-      for (int b : o.bits)
-        for (int den : o.budgets) {
-          Row row;
-          row.bench = "stories260K";
-          row.rule = rule;
-          row.method = meth;
-          row.bits = b;
-          row.budget = den;
+  detail::for_each_variant(o, [&](Rule rule, Method meth, int b, int den) {
+          Row row = detail::variant_row("stories260K", rule, meth, b, den);
           const KVConfig kv = detail::kv_config(meth, b, o, o.model_window);
           const detail::Plan plan = detail::plan_variant(shape, P, mc.layers, kv, den, rule, o.group);
           ++done;
           row.feasible = plan.feasible;
           if (!plan.feasible) {
             r.rows.push_back(row);
-            continue;
+            return;
           }
           model::CacheConfig cfg;
           cfg.kv = kv;
@@ -582,7 +581,7 @@ inline void run_model(const StudyOptions& o, StudyResults& r, std::ostream& log)
           if (done % 16 == 0 || done == total)
             log << "study: stories260K " << done << "/" << total << " variants (" << std::fixed << std::setprecision(1)
                 << detail::seconds_since(t0) << " s)" << std::defaultfloat << std::endl;
-        }
+  });
   r.model_seconds = detail::seconds_since(t0);
 }
 
