@@ -57,7 +57,7 @@ struct Partial {
 
 /// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, scalef); x below
 /// -87.3 gives 0.
-inline __m512 exp_ps(__m512 x) {
+QPKV_INLINE __m512 exp_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   x = _mm512_max_ps(x, lo);
@@ -75,7 +75,7 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, fx));
 }
 
-inline __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
 /// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.
@@ -120,7 +120,7 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 /// In-register transpose of 16 x 16 dwords: afterwards r[c] lane t = old r[t] lane c.
-inline void transpose16(__m512i* r) {
+QPKV_INLINE void transpose16(__m512i* r) {
   __m512i t[16], u[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -519,71 +519,102 @@ struct ValueFast {
 };
 #endif
 
+/// Horizontal max and sum of four vectors, in lanes 0..3 (a, b, c, d).
+QPKV_INLINE __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
 /// Per key group: the query with the group's per-channel scales folded in, in the layout the key
-/// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1).
+/// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1). The g
+/// queries are folded four at a time with their chains interleaved (one query at a time, the
+/// reductions and divisions made this a latency-bound ~15% of the kernel).
 template <int KB>
 struct KeyFold {
   static constexpr int cpd = 32 / KB;                       // channels per dword
+  static constexpr int per = 8 / KB;
   static constexpr float centre = static_cast<float>(1 << (KB - 1));  // integer, so code - centre is exact
+  index_t g = 0, D = 0;
+  bool fast = false;
   std::vector<float> qs;            // exact: [i][c]
   std::vector<std::int32_t> qhi;    // fast: [i][dword][k] packed 4 x int8 (byte j = channel dword*cpd + j*per + k)
   std::vector<std::int32_t> qlo;
   std::vector<float> step;          // fast: [i] value of one integer unit
   std::vector<float> bias;          // [i]
   std::vector<float> sf, mf;        // scratch: the group's scales and mins as float
+  __m512i vorder{};                 // lane order of 16 channels in qhi / qlo
 
-  void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q, index_t g, index_t D, bool fast) {
+  KeyFold(index_t g_, index_t D_, bool fast_) : g(g_), D(D_), fast(fast_) {
     sf.resize(static_cast<std::size_t>(D));
     mf.resize(static_cast<std::size_t>(D));
-    for (index_t c = 0; c < D; c += 16) {
-      _mm512_storeu_ps(sf.data() + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + c))));
-      _mm512_storeu_ps(mf.data() + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + c))));
-    }
     qs.resize(static_cast<std::size_t>(g * D));
-    bias.resize(static_cast<std::size_t>(g));
-    const __m512 vc = _mm512_set1_ps(fast ? 0.0f : centre);
-    for (index_t i = 0; i < g; ++i) {
-      __m512 b = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
-      for (index_t c = 0; c < D; c += 16) {
-        const __m512 qv = _mm512_loadu_ps(q + i * D + c), s = _mm512_loadu_ps(sf.data() + c);
-        const __m512 x = _mm512_mul_ps(qv, s);
-        _mm512_storeu_ps(qs.data() + i * D + c, x);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
-        b = _mm512_fmadd_ps(qv, _mm512_fmadd_ps(vc, s, _mm512_loadu_ps(mf.data() + c)), b);
-      }
-      bias[i] = _mm512_reduce_add_ps(b);
-      if (fast) {
-        const float m = _mm512_reduce_max_ps(mx);
-        step.resize(static_cast<std::size_t>(g));
-        step[i] = m > 0.0f ? m / 32639.0f : 1.0f;
-      }
-    }
-    if (!fast) return;
-    // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127],
-    // lo in [-128, 127]. X = Q + 128 gives hi = X >> 8 and lo = (X & 255) ^ 0x80. Each 16 channels
-    // fill 4 dwords of qhi / qlo in the order the key kernel reads: dword (w, k), byte j = channel
-    // w * cpd + j * per + k (one vpermd puts the lanes in that order).
-    constexpr int per = 8 / KB;
-    const index_t dwords = D / cpd;
-    qhi.resize(static_cast<std::size_t>(g * dwords * per));
+    bias.resize(static_cast<std::size_t>(g) + 4);
+    step.resize(static_cast<std::size_t>(g) + 4);
+    qhi.resize(static_cast<std::size_t>(g * (D / cpd) * per));
     qlo.resize(qhi.size());
     alignas(64) std::int32_t order[16];
     for (int o = 0; o < 16; ++o) {
       const int w = o / (4 * per), k = (o / 4) % per, j = o % 4;
       order[o] = w * cpd + j * per + k;
     }
-    const __m512i vorder = _mm512_load_si512(order);
-    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
-    for (index_t i = 0; i < g; ++i) {
-      const __m512 inv = _mm512_set1_ps(1.0f / step[i]);
-      auto* dh = reinterpret_cast<__m128i*>(qhi.data() + i * dwords * per);
-      auto* dl = reinterpret_cast<__m128i*>(qlo.data() + i * dwords * per);
+    vorder = _mm512_load_si512(order);
+  }
+
+  void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q) {
+    float* __restrict s_f = sf.data();
+    float* __restrict m_f = mf.data();
+    float* __restrict q_s = qs.data();
+    const __m512 vc = _mm512_set1_ps(fast ? 0.0f : centre);
+    for (index_t c = 0; c < D; c += 16) {
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + c)));
+      _mm512_storeu_ps(s_f + c, s);
+      // m + centre * s: the code is stored uncentred in the fast path, centred (exactly) in the exact one
+      _mm512_storeu_ps(m_f + c, _mm512_fmadd_ps(vc, s, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + c)))));
+    }
+    for (index_t i0 = 0; i0 < g; i0 += 4) {
+      const index_t n = std::min<index_t>(4, g - i0);
+      __m512 b[4], mx[4];
+      for (int i = 0; i < 4; ++i) b[i] = mx[i] = _mm512_setzero_ps();
       for (index_t c = 0; c < D; c += 16) {
-        __m512i X = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qs.data() + i * D + c), inv)),
-                                     _mm512_set1_epi32(128));
-        if constexpr (per > 1) X = _mm512_permutexvar_epi32(vorder, X);
-        _mm_storeu_si128(dh + c / 16, _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
-        _mm_storeu_si128(dl + c / 16, _mm_xor_si128(_mm512_cvtepi32_epi8(X), flip));
+        const __m512 s = _mm512_loadu_ps(s_f + c), m = _mm512_loadu_ps(m_f + c);
+        for (index_t i = 0; i < n; ++i) {
+          const __m512 qv = _mm512_loadu_ps(q + (i0 + i) * D + c);
+          const __m512 x = _mm512_mul_ps(qv, s);
+          _mm512_storeu_ps(q_s + (i0 + i) * D + c, x);
+          mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
+          b[i] = _mm512_fmadd_ps(qv, m, b[i]);
+        }
+      }
+      _mm_storeu_ps(bias.data() + i0, hsum4(b[0], b[1], b[2], b[3]));
+      if (!fast) continue;
+      // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127],
+      // lo in [-128, 127]. X = Q + 128 gives hi = X >> 8 and lo = (X & 255) ^ 0x80. Each 16
+      // channels fill 4 dwords of qhi / qlo in the order the key kernel reads: dword (w, k), byte
+      // j = channel w * cpd + j * per + k (one vpermd puts the lanes in that order).
+      const __m128 m4 = hmax4(mx[0], mx[1], mx[2], mx[3]);
+      const __m128 pos = _mm_cmpgt_ps(m4, _mm_setzero_ps());
+      const __m128 st = _mm_blendv_ps(_mm_set1_ps(1.0f), _mm_mul_ps(m4, _mm_set1_ps(1.0f / 32639.0f)), pos);
+      const __m128 iv = _mm_div_ps(_mm_set1_ps(1.0f), st);
+      _mm_storeu_ps(step.data() + i0, st);
+      alignas(16) float inv4[4];
+      _mm_store_ps(inv4, iv);
+      const index_t dwords = D / cpd;
+      const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+      for (index_t i = 0; i < n; ++i) {
+        const __m512 inv = _mm512_set1_ps(inv4[i]);
+        auto* dh = reinterpret_cast<__m128i*>(qhi.data() + (i0 + i) * dwords * per);
+        auto* dl = reinterpret_cast<__m128i*>(qlo.data() + (i0 + i) * dwords * per);
+        const float* xs = q_s + (i0 + i) * D;
+        for (index_t c = 0; c < D; c += 16) {
+          __m512i X = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c), inv)), _mm512_set1_epi32(128));
+          if constexpr (per > 1) X = _mm512_permutexvar_epi32(vorder, X);
+          _mm_storeu_si128(dh + c / 16, _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
+          _mm_storeu_si128(dl + c / 16, _mm_xor_si128(_mm512_cvtepi32_epi8(X), flip));
+        }
       }
     }
   }
@@ -676,10 +707,11 @@ void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout&
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
   std::vector<float> logits(static_cast<std::size_t>(g * B));
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 16)), mf(sf.size());
-  KeyFold<KB> fold;
 #if !defined(QPKV_CPU_AVX512VNNI)
   fast = false;
+  KeyFold<KB> fold(g, D, fast);
 #else
+  KeyFold<KB> fold(g, D, fast);
   ValueFast<VB> vf(D, plan.G, B, g);
   const bool fast_values = fast && vf.ok;
 #endif
@@ -689,7 +721,7 @@ void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout&
     const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
     const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
     for (index_t gt = 0; gt < B / key_group; ++gt) {
-      fold.fold(sc + gt * D, mn + gt * D, q, g, D, fast);
+      fold.fold(sc + gt * D, mn + gt * D, q);
       for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 16) {
         const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
         float* lg = logits.data() + t0;

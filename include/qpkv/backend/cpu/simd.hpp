@@ -16,6 +16,14 @@
 #include <immintrin.h>
 #endif
 
+/// Forces inlining of small SIMD helpers whose arguments are register arrays: out of line, GCC
+/// passes them through memory (a 16-register transpose became 32 stores and loads plus a call).
+#if defined(__GNUC__) || defined(__clang__)
+#define QPKV_INLINE inline __attribute__((always_inline))
+#else
+#define QPKV_INLINE inline
+#endif
+
 namespace qpkv::cpu {
 
 /// The widest kernel family compiled into this translation unit ("avx512-vnni", "avx512", "scalar").
