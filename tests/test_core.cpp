@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "qpkv/core/dtype.hpp"
 #include "qpkv/core/error.hpp"
@@ -27,6 +28,20 @@ TEST_CASE("half conversion rounds to nearest even and round-trips every half") {
   CHECK(to_half(1.0f + 3 * 0x1p-11f).bits == 0x3c02);           // tie -> even (up)
   CHECK(to_float(to_half(0x1p-25f)) == 0.0f);                   // half of smallest subnormal -> 0
   CHECK(to_float(to_half(0x1p-24f)) == 0x1p-24f);
+}
+
+TEST_CASE("the branch-free array conversion of halves equals to_float bit for bit, for every half") {
+  std::vector<half> h(0x10000);
+  for (std::uint32_t b = 0; b < 0x10000; ++b) h[b].bits = static_cast<std::uint16_t>(b);
+  std::vector<float> f(h.size(), 1.0f);
+  to_float(h.data(), h.size(), f.data());
+  std::uint32_t mismatches = 0;
+  for (std::uint32_t b = 0; b < 0x10000; ++b) mismatches += float_bits(f[b]) != float_bits(to_float(h[b])) ? 1u : 0u;
+  CHECK(mismatches == 0);
+  CHECK(float_bits(f[0x0001]) == float_bits(0x1p-24f));  // smallest subnormal
+  CHECK(float_bits(f[0x8000]) == 0x80000000u);           // -0
+  CHECK(std::isinf(f[0x7c00]));
+  CHECK(std::isnan(f[0x7e00]));
 }
 
 TEST_CASE("bfloat16 conversion rounds to nearest even") {

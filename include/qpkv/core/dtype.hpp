@@ -74,6 +74,23 @@ QPKV_HD float to_float(half h) {
 #endif
 }
 
+/// to_float over an array, bit for bit, written without branches so that compilers vectorize it
+/// (the portable attention kernels convert fp16 rows with it): the exponent is rebased by adding
+/// (127 - 15) << 23, Inf/NaN get the rest of the way to 255, and zero/subnormal inputs are
+/// renormalised by subtracting 2^-14 from (mant * 2^-23 + 1) * 2^-14, which is exact.
+inline void to_float(const half* QPKV_RESTRICT src, std::size_t n, float* QPKV_RESTRICT dst) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint32_t h = src[i].bits;
+    const std::uint32_t em = (h & 0x7fffu) << 13;  // exponent and mantissa in float position
+    const std::uint32_t e = em & 0x0f800000u;
+    const std::uint32_t rebased = em + ((127u - 15u) << 23);
+    const std::uint32_t special = e == 0x0f800000u ? rebased + ((128u - 16u) << 23) : rebased;
+    const float sub = bits_float(rebased + (1u << 23)) - bits_float(113u << 23);
+    const std::uint32_t mag = e == 0 ? float_bits(sub) : special;
+    dst[i] = bits_float(mag | ((h & 0x8000u) << 16));
+  }
+}
+
 /// float -> bfloat16, round to nearest even; NaN stays NaN.
 QPKV_HD bfloat16 to_bfloat16(float f) {
   const std::uint32_t x = float_bits(f);

@@ -36,8 +36,7 @@ struct Fp16 {
     }
   }
   void decode(const std::uint8_t* part, index_t tokens, index_t dim, float* out) const {
-    const auto* h = reinterpret_cast<const half*>(part);
-    for (index_t i = 0; i < tokens * dim; ++i) out[i] = to_float(h[i]);
+    to_float(reinterpret_cast<const half*>(part), static_cast<std::size_t>(tokens * dim), out);
   }
 };
 

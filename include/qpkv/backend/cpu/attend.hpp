@@ -46,18 +46,162 @@ struct is_affine<Affine<B, S>> : std::true_type {};
 
 namespace detail {
 
+// The portable kernels are plain C++ written so that compilers vectorize them for whatever the
+// build targets (SSE2 by default on x86-64, AVX2 with -mavx2 -mfma, NEON on Arm): every float
+// reduction runs over a fixed number of partial sums (a plain `acc += a[c] * b[c]` loop may not be
+// reordered, so it stays scalar without -ffast-math), codes are widened to floats one row at a
+// time, and exp is a branch-free polynomial. The summation order is fixed, so results still do
+// not depend on the thread count.
+
+inline constexpr index_t kLanes = 16;  ///< partial sums per reduction
+
+/// Folds kLanes partial sums in a fixed pairwise order.
+inline float fold_lanes(float* lane) {
+  for (index_t w = kLanes / 2; w > 0; w /= 2)
+    for (index_t j = 0; j < w; ++j) lane[j] += lane[j + w];
+  return lane[0];
+}
+
+/// sum_c a[c] * b[c].
+inline float dot(const float* QPKV_RESTRICT a, const float* QPKV_RESTRICT b, index_t n) {
+  float lane[kLanes] = {};
+  index_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (index_t j = 0; j < kLanes; ++j) lane[j] += a[c + j] * b[c + j];
+  float tail = 0.0f;
+  for (; c < n; ++c) tail += a[c] * b[c];
+  return fold_lanes(lane) + tail;
+}
+
+/// out[i] = sum_c a[i * lda + c] * b[c] for four rows of a (each load of b serves four rows).
+inline void dot4(const float* QPKV_RESTRICT a, index_t lda, const float* QPKV_RESTRICT b, index_t n, float* out) {
+  constexpr index_t W = 8;
+  float lane[4][W] = {};
+  index_t c = 0;
+  for (; c + W <= n; c += W)
+    for (index_t j = 0; j < W; ++j) {
+      const float x = b[c + j];
+      for (int i = 0; i < 4; ++i) lane[i][j] += a[i * lda + c + j] * x;
+    }
+  for (int i = 0; i < 4; ++i) {
+    float tail = 0.0f;
+    for (index_t k = c; k < n; ++k) tail += a[i * lda + k] * b[k];
+    for (index_t w = W / 2; w > 0; w /= 2)
+      for (index_t j = 0; j < w; ++j) lane[i][j] += lane[i][j + w];
+    out[i] = lane[i][0] + tail;
+  }
+}
+
+/// acc[i * D + c] += sum_t p[i * pstride + t] * v[t * D + c] for n rows and four queries, in
+/// slices of kSlice channels whose accumulators stay in registers across the rows.
+inline constexpr index_t kSlice = 32;
+inline void gemv4(const float* QPKV_RESTRICT p, index_t pstride, const float* QPKV_RESTRICT v, index_t n, index_t D,
+                  float* QPKV_RESTRICT acc) {
+  index_t c0 = 0;
+  for (; c0 + kSlice <= D; c0 += kSlice) {
+    float a[4][kSlice];
+    for (int i = 0; i < 4; ++i)
+      for (index_t j = 0; j < kSlice; ++j) a[i][j] = acc[i * D + c0 + j];
+    for (index_t t = 0; t < n; ++t) {
+      const float* vt = v + t * D + c0;
+      for (int i = 0; i < 4; ++i) {
+        const float w = p[i * pstride + t];
+        for (index_t j = 0; j < kSlice; ++j) a[i][j] += w * vt[j];
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (index_t j = 0; j < kSlice; ++j) acc[i * D + c0 + j] = a[i][j];
+  }
+  for (index_t t = 0; t < n; ++t)
+    for (int i = 0; i < 4; ++i)
+      for (index_t c = c0; c < D; ++c) acc[i * D + c] += p[i * pstride + t] * v[t * D + c];
+}
+
+/// sum_t x[t] and max_t x[t].
+inline float sum(const float* x, index_t n) {
+  float lane[kLanes] = {};
+  index_t t = 0;
+  for (; t + kLanes <= n; t += kLanes)
+    for (index_t j = 0; j < kLanes; ++j) lane[j] += x[t + j];
+  float tail = 0.0f;
+  for (; t < n; ++t) tail += x[t];
+  return fold_lanes(lane) + tail;
+}
+inline float max(const float* x, index_t n) {
+  float lane[kLanes];
+  for (index_t j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<float>::infinity();
+  index_t t = 0;
+  for (; t + kLanes <= n; t += kLanes)
+    for (index_t j = 0; j < kLanes; ++j) lane[j] = lane[j] < x[t + j] ? x[t + j] : lane[j];
+  float m = -std::numeric_limits<float>::infinity();
+  for (index_t j = 0; j < kLanes; ++j) m = m < lane[j] ? lane[j] : m;
+  for (; t < n; ++t) m = m < x[t] ? x[t] : m;
+  return m;
+}
+
+/// e^x for x <= 0, branch-free (the Cephes expf polynomial of the AVX-512 kernel, about 1 ulp);
+/// below -87.3 it gives 0, NaN stays NaN.
+inline float exp_neg(float x) {
+  const float xc = x < -87.3f ? -87.3f : x;
+  const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + (r + 1.0f);
+  const float scale = bits_float(static_cast<std::uint32_t>(static_cast<std::int32_t>(fx) + 127) << 23);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+/// Centred codes of one packed row as floats: code - centre (exact).
+template <int Bits>
+void codes_to_float(const std::uint8_t* QPKV_RESTRICT row, index_t n, float centre, float* QPKV_RESTRICT out) {
+  if constexpr (8 % Bits == 0) {
+    constexpr int per = 8 / Bits;
+    constexpr unsigned mask = (1u << Bits) - 1u;
+    const index_t full = n / per;
+    for (index_t j = 0; j < full; ++j)
+      for (int k = 0; k < per; ++k)
+        out[j * per + k] = static_cast<float>((static_cast<unsigned>(row[j]) >> (k * Bits)) & mask) - centre;
+    for (index_t i = full * per; i < n; ++i)
+      out[i] = static_cast<float>(quant::unpack_one<Bits>(row, static_cast<std::size_t>(i))) - centre;
+  } else {
+    for (index_t i = 0; i < n; ++i)
+      out[i] = static_cast<float>(quant::unpack_one<Bits>(row, static_cast<std::size_t>(i))) - centre;
+  }
+}
+
+/// acc[c] += w * x[c].
+inline void axpy(float w, const float* QPKV_RESTRICT x, index_t n, float* QPKV_RESTRICT acc) {
+  for (index_t c = 0; c < n; ++c) acc[c] += w * x[c];
+}
+
+/// acc[i * D + c] += sum_t p[i * pstride + t] * v[t * D + c] for n rows and g queries.
+inline void rows_times_weights(const float* p, index_t pstride, const float* v, index_t n, index_t D, index_t g, float* acc) {
+  index_t i = 0;
+  for (; i + 4 <= g; i += 4) gemv4(p + i * pstride, pstride, v, n, D, acc + i * D);
+  for (; i < g; ++i)
+    for (index_t t = 0; t < n; ++t) axpy(p[i * pstride + t], v + t * D, D, acc + i * D);
+}
+
 struct Scratch {
-  std::vector<std::uint8_t> codes;  // B x D unpacked codes
-  std::vector<float> dec;           // B x D decoded values
-  std::vector<float> qs;            // D pre-scaled query
-  std::vector<float> tmp;           // g x D per-group partial sums
+  std::vector<float> dec;   // B x D: centred codes, dequantized values or decoded rows
+  std::vector<float> qs;    // g x D: queries with the group's scales folded in
+  std::vector<float> sf;    // D: scales of a key group
+  std::vector<float> mf;    // D: mins + centre x scales of a key group
+  std::vector<float> tmp;   // D: per-group partial sums
 };
 
-/// Unpacks the B code rows of an Affine part into B x D bytes (once per block, for all queries).
+/// Centred float codes of the B rows of an Affine part (once per block, for all queries).
 template <int Bits>
-void unpack_rows(const std::uint8_t* part, const AffineLayout& l, index_t B, index_t D, std::uint8_t* codes) {
+void widen_rows(const std::uint8_t* part, const AffineLayout& l, index_t B, index_t D, float* out) {
+  constexpr float centre = static_cast<float>(1 << (Bits - 1));
   for (index_t t = 0; t < B; ++t)
-    quant::unpack<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(D), codes + t * D);
+    codes_to_float<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, D, centre, out + t * D);
 }
 
 /// logits[i * B + t] = q_i . k_t for the B tokens of a key part (unscaled).
@@ -68,40 +212,48 @@ void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, co
     const AffineLayout l = kq.layout(B, D);
     if (l.slots == 0) {
       using ST = typename KQ::scale_type;
+      constexpr float centre = static_cast<float>(1 << (KQ::bits - 1));
       const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
       const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
-      unpack_rows<KQ::bits>(part, l, B, D, s.codes.data());
+      widen_rows<KQ::bits>(part, l, B, D, s.dec.data());
       if (kq.axis == Axis::channel) {
+        // q.k_t = sum_c (q_c s_c)(code_tc - centre) + sum_c q_c (m_c + centre s_c)
         const index_t G = kq.group;
-        for (index_t gt = 0; gt < B / G; ++gt)
+        for (index_t gt = 0; gt < B / G; ++gt) {
+          for (index_t c = 0; c < D; ++c) {
+            s.sf[c] = to_float(sc[gt * D + c]);
+            s.mf[c] = to_float(mn[gt * D + c]) + centre * s.sf[c];
+          }
           for (index_t i = 0; i < g; ++i) {
             const float* qi = q + i * D;
-            float bias = 0.0f;
-            for (index_t c = 0; c < D; ++c) {
-              s.qs[c] = qi[c] * to_float(sc[gt * D + c]);
-              bias += qi[c] * to_float(mn[gt * D + c]);
-            }
-            for (index_t t = gt * G; t < (gt + 1) * G; ++t) {
-              const std::uint8_t* code = s.codes.data() + t * D;
-              float acc = 0.0f;
-              for (index_t c = 0; c < D; ++c) acc += s.qs[c] * static_cast<float>(code[c]);
-              logits[i * B + t] = acc + bias;
-            }
+            for (index_t c = 0; c < D; ++c) s.qs[i * D + c] = qi[c] * s.sf[c];
+            s.tmp[i] = dot(qi, s.mf.data(), D);  // bias
           }
+          index_t i = 0;
+          for (; i + 4 <= g; i += 4)
+            for (index_t t = gt * G; t < (gt + 1) * G; ++t) {
+              float o[4];
+              dot4(s.qs.data() + i * D, D, s.dec.data() + t * D, D, o);
+              for (int k = 0; k < 4; ++k) logits[(i + k) * B + t] = o[k] + s.tmp[i + k];
+            }
+          for (; i < g; ++i)
+            for (index_t t = gt * G; t < (gt + 1) * G; ++t)
+              logits[i * B + t] = dot(s.qs.data() + i * D, s.dec.data() + t * D, D) + s.tmp[i];
+        }
       } else {
+        // q.k_t = sum_groups [ s_tg sum_{c in g} q_c (code_tc - centre) + (m_tg + centre s_tg) sum_{c in g} q_c ]
         const index_t G = kq.group, per_row = (D + G - 1) / G;
+        for (index_t i = 0; i < g; ++i)
+          for (index_t gc = 0; gc < per_row; ++gc) s.tmp[i * per_row + gc] = sum(q + i * D + gc * G, std::min(D, (gc + 1) * G) - gc * G);
         for (index_t t = 0; t < B; ++t) {
-          const std::uint8_t* code = s.codes.data() + t * D;
+          const float* code = s.dec.data() + t * D;
           for (index_t i = 0; i < g; ++i) {
             const float* qi = q + i * D;
             float acc = 0.0f;
             for (index_t gc = 0; gc < per_row; ++gc) {
-              float dot = 0.0f, qsum = 0.0f;
-              for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) {
-                dot += qi[c] * static_cast<float>(code[c]);
-                qsum += qi[c];
-              }
-              acc += to_float(sc[t * per_row + gc]) * dot + to_float(mn[t * per_row + gc]) * qsum;
+              const index_t c0 = gc * G, n = std::min(D, c0 + G) - c0;
+              const float st = to_float(sc[t * per_row + gc]);
+              acc += st * dot(qi + c0, code + c0, n) + (to_float(mn[t * per_row + gc]) + centre * st) * s.tmp[i * per_row + gc];
             }
             logits[i * B + t] = acc;
           }
@@ -112,11 +264,7 @@ void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, co
   }
   kq.decode(part, B, D, s.dec.data());
   for (index_t i = 0; i < g; ++i)
-    for (index_t t = 0; t < B; ++t) {
-      float acc = 0.0f;
-      for (index_t c = 0; c < D; ++c) acc += q[i * D + c] * s.dec[t * D + c];
-      logits[i * B + t] = acc;
-    }
+    for (index_t t = 0; t < B; ++t) logits[i * B + t] = dot(q + i * D, s.dec.data() + t * D, D);
 }
 
 /// acc[i * D + c] += sum_t p[i * B + t] * v_tc over the B tokens of a value part.
@@ -127,48 +275,41 @@ void accumulate_values(const VQ& vq, const std::uint8_t* part, index_t B, index_
     const AffineLayout l = vq.layout(B, D);
     if (l.slots == 0) {
       using ST = typename VQ::scale_type;
+      constexpr float centre = static_cast<float>(1 << (VQ::bits - 1));
       const auto* sc = reinterpret_cast<const ST*>(part + l.scales);
       const auto* mn = reinterpret_cast<const ST*>(part + l.mins);
-      unpack_rows<VQ::bits>(part, l, B, D, s.codes.data());
+      widen_rows<VQ::bits>(part, l, B, D, s.dec.data());
       const index_t G = vq.group;
       if (vq.axis == Axis::token) {
+        // dequantize each row once (s_tg (code - centre) + m_tg + centre s_tg), then one axpy per query
         const index_t per_row = (D + G - 1) / G;
         for (index_t t = 0; t < B; ++t) {
-          const std::uint8_t* code = s.codes.data() + t * D;
+          float* v = s.dec.data() + t * D;
           for (index_t gc = 0; gc < per_row; ++gc) {
-            const float st = to_float(sc[t * per_row + gc]), mt = to_float(mn[t * per_row + gc]);
-            for (index_t i = 0; i < g; ++i) {
-              const float ws = p[i * B + t] * st, wm = p[i * B + t] * mt;
-              float* a = acc + i * D;
-              for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) a[c] += ws * static_cast<float>(code[c]) + wm;
-            }
+            const float st = to_float(sc[t * per_row + gc]), mt = to_float(mn[t * per_row + gc]) + centre * st;
+            for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) v[c] = st * v[c] + mt;
           }
         }
+        rows_times_weights(p, B, s.dec.data(), B, D, g, acc);
       } else {
+        // sum_t p_t v_tc = s_c sum_t p_t (code_tc - centre) + (m_c + centre s_c) sum_t p_t, per token group
         for (index_t gt = 0; gt < B / G; ++gt)
           for (index_t i = 0; i < g; ++i) {
             std::fill(s.tmp.begin(), s.tmp.begin() + D, 0.0f);
-            float psum = 0.0f;
-            for (index_t t = gt * G; t < (gt + 1) * G; ++t) {
-              const float w = p[i * B + t];
-              psum += w;
-              const std::uint8_t* code = s.codes.data() + t * D;
-              for (index_t c = 0; c < D; ++c) s.tmp[c] += w * static_cast<float>(code[c]);
-            }
+            for (index_t t = gt * G; t < (gt + 1) * G; ++t) axpy(p[i * B + t], s.dec.data() + t * D, D, s.tmp.data());
+            const float psum = sum(p + i * B + gt * G, G);
             float* a = acc + i * D;
-            for (index_t c = 0; c < D; ++c)
-              a[c] += to_float(sc[gt * D + c]) * s.tmp[c] + to_float(mn[gt * D + c]) * psum;
+            for (index_t c = 0; c < D; ++c) {
+              const float sv = to_float(sc[gt * D + c]);
+              a[c] += sv * s.tmp[c] + (to_float(mn[gt * D + c]) + centre * sv) * psum;
+            }
           }
       }
       return;
     }
   }
   vq.decode(part, B, D, s.dec.data());
-  for (index_t i = 0; i < g; ++i)
-    for (index_t t = 0; t < B; ++t) {
-      const float w = p[i * B + t];
-      for (index_t c = 0; c < D; ++c) acc[i * D + c] += w * s.dec[t * D + c];
-    }
+  rows_times_weights(p, B, s.dec.data(), B, D, g, acc);
 }
 
 /// Online-softmax update for one chunk of n logits per query (already scaled): rescales acc and
@@ -177,17 +318,12 @@ inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, in
                          float* acc) {
   for (index_t i = 0; i < g; ++i) {
     float* x = logits + i * stride;
-    float bm = -std::numeric_limits<float>::infinity();
-    for (index_t t = 0; t < n; ++t) bm = std::max(bm, x[t]);
-    const float mnew = std::max(m[i], bm);
+    const float mnew = std::max(m[i], max(x, n));
     const float alpha = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[i] - mnew);
-    float sum = 0.0f;
-    for (index_t t = 0; t < n; ++t) {
-      x[t] = std::exp(x[t] - mnew);
-      sum += x[t];
-    }
-    l[i] = l[i] * alpha + sum;
-    for (index_t c = 0; c < D; ++c) acc[i * D + c] *= alpha;
+    for (index_t t = 0; t < n; ++t) x[t] = exp_neg(x[t] - mnew);
+    l[i] = l[i] * alpha + sum(x, n);
+    if (alpha != 1.0f)
+      for (index_t c = 0; c < D; ++c) acc[i * D + c] *= alpha;
     m[i] = mnew;
   }
 }
@@ -207,12 +343,13 @@ void item_portable(const KQ& kq, const VQ& vq, const CacheState& st, index_t h, 
                    bool with_residual, const float* qh, float* m, float* l, float* acc) {
   const CacheLayout& L = st.layout;
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
-  Scratch s;
-  s.codes.resize(static_cast<std::size_t>(B * D));
-  s.dec.resize(static_cast<std::size_t>(B * D));
-  s.qs.resize(static_cast<std::size_t>(D));
-  s.tmp.resize(static_cast<std::size_t>(D));
   const index_t R = with_residual ? st.residual : 0;
+  Scratch s;
+  s.dec.resize(static_cast<std::size_t>(std::max(B, R) * D));
+  s.qs.resize(static_cast<std::size_t>(g * D));
+  s.sf.resize(static_cast<std::size_t>(D));
+  s.mf.resize(static_cast<std::size_t>(D));
+  s.tmp.resize(static_cast<std::size_t>(std::max(D, g * D)));
   std::vector<float> logits(static_cast<std::size_t>(g * std::max<index_t>(std::max(B, R), 1)));
   for (index_t b = b0; b < b1; ++b) {
     const std::uint8_t* block = st.data + L.block_offset(h, b);
@@ -221,20 +358,13 @@ void item_portable(const KQ& kq, const VQ& vq, const CacheState& st, index_t h, 
     accumulate_values(vq, block + L.key_part, B, D, logits.data(), g, acc, s);
   }
   if (R > 0) {
-    const auto* rk = reinterpret_cast<const half*>(st.data + L.residual_key_offset(h, 0));
-    const auto* rv = reinterpret_cast<const half*>(st.data + L.residual_value_offset(h, 0));
+    const auto n = static_cast<std::size_t>(R * D);
+    to_float(reinterpret_cast<const half*>(st.data + L.residual_key_offset(h, 0)), n, s.dec.data());
     for (index_t i = 0; i < g; ++i)
-      for (index_t t = 0; t < R; ++t) {
-        float dot = 0.0f;
-        for (index_t c = 0; c < D; ++c) dot += qh[i * D + c] * to_float(rk[t * D + c]);
-        logits[i * R + t] = dot;
-      }
+      for (index_t t = 0; t < R; ++t) logits[i * R + t] = dot(qh + i * D, s.dec.data() + t * D, D);
     softmax_step(logits.data(), R, R, g, D, m, l, acc);
-    for (index_t i = 0; i < g; ++i)
-      for (index_t t = 0; t < R; ++t) {
-        const float w = logits[i * R + t];
-        for (index_t c = 0; c < D; ++c) acc[i * D + c] += w * to_float(rv[t * D + c]);
-      }
+    to_float(reinterpret_cast<const half*>(st.data + L.residual_value_offset(h, 0)), n, s.dec.data());
+    rows_times_weights(logits.data(), R, s.dec.data(), R, D, g, acc);
   }
 }
 
