@@ -17,10 +17,12 @@
 // only on the token count, and OpenMP threads only decide who computes an item, so the result is
 // the same for every thread count, bit for bit; both cores work on one sequence.
 //
-// Kernels: with AVX-512 compiled in (simd.hpp), KIVI-layout caches (per-channel Affine keys,
+// Kernels: where the AVX-512 kernels are usable (compiled for the target, or chosen at run time
+// on a CPU that has AVX-512 + VNNI: simd.hpp), KIVI-layout caches (per-channel Affine keys,
 // per-token Affine values, fp16 scales, no outliers; 2/4/8 bits) and Fp16 caches run the kernels
-// of attend_avx512.hpp; everything else, and every build without -march, runs the portable C++
-// kernels below. AttendPrecision::fast selects the VNNI integer q.k (precision.hpp).
+// of attend_avx512.hpp; everything else runs the portable C++ kernels below, which compilers
+// vectorize for the build's target. AttendPrecision::fast selects the VNNI integer products
+// (precision.hpp).
 #pragma once
 
 #include <algorithm>
@@ -390,7 +392,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   enum class Kernel { portable, kivi, fp16 };
   Kernel kernel = Kernel::portable;
   [[maybe_unused]] AffineLayout kl{}, vl{};
-#if defined(QPKV_CPU_AVX512)
+#if defined(QPKV_CPU_AVX512_KERNELS)
   if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
     kl = kq.layout(B, D);
     vl = vq.layout(B, D);
@@ -401,6 +403,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     if (avx512::fp16_supported(D) && L.key_part == static_cast<std::size_t>(D) * 2) kernel = Kernel::fp16;
   }
   if (st.residual > 0 && !avx512::fp16_supported(D)) kernel = Kernel::portable;
+  if (!avx512_usable()) kernel = Kernel::portable;  // run-time dispatch on a CPU without AVX-512 (simd.hpp)
 #endif
   (void)precision;
   (void)kernel;
@@ -421,7 +424,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     std::fill(m, m + g, -std::numeric_limits<float>::infinity());
     std::fill(l, l + g + g * D, 0.0f);
     const float* qh = qs.data() + h * g * D;
-#if defined(QPKV_CPU_AVX512)
+#if defined(QPKV_CPU_AVX512_KERNELS)
     const avx512::Partial p{m, l, acc};
     if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
       if (kernel == Kernel::kivi) {

@@ -25,7 +25,7 @@
 
 #include "qpkv/backend/cpu/simd.hpp"
 
-#if defined(QPKV_CPU_AVX512)
+#if defined(QPKV_CPU_AVX512_KERNELS)
 
 #include <algorithm>
 #include <cmath>
@@ -79,7 +79,7 @@ QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) 
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
 /// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.
-inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, const Partial& p) {
+inline QPKV_TARGET void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, const Partial& p) {
   for (index_t i = 0; i < g; ++i) {
     float* x = logits + i * stride;
     __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -110,7 +110,7 @@ inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, in
 }
 
 /// Sums of four vectors in lanes 0..3 (a, b, c, d).
-inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+inline QPKV_TARGET __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
   __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
@@ -153,7 +153,7 @@ inline constexpr index_t kKeyAhead = 64, kValueAhead = 32;
 
 /// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
 /// (bytes). q: g x D pre-scaled queries. Updates the partial.
-inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb, std::size_t vstride,
+inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb, std::size_t vstride,
                         index_t n, index_t D, const float* q, index_t g, const Partial& p) {
   constexpr index_t kTile = 32;
   float logits[8 * kTile];
@@ -241,7 +241,7 @@ inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::
 }
 
 /// The fp16 kernel covers head_dim multiples of 16.
-inline bool fp16_supported(index_t D) { return D % 16 == 0; }
+inline QPKV_TARGET bool fp16_supported(index_t D) { return D % 16 == 0; }
 
 // ------------------------------------------------------------------------------------------------
 // KIVI: keys per channel (Affine<KB, half>, Axis::channel), values per token (Affine<VB, half>,
@@ -249,7 +249,7 @@ inline bool fp16_supported(index_t D) { return D % 16 == 0; }
 
 /// Is the SIMD kernel defined for these parts? (Otherwise attend.hpp uses the portable one.)
 template <int KB, int VB>
-bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group) {
+QPKV_TARGET bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group) {
   constexpr int vper = 8 / VB;
   const bool key_ok = D % 16 == 0 && (D * KB) % 32 == 0 && key_group % 16 == 0 && B % key_group == 0;
   const bool value_ok = (D * VB) % 128 == 0 && value_group % vper == 0;
@@ -266,7 +266,7 @@ struct ValuePlan {
   std::vector<std::int32_t> grp_idx;    // [slice][16]
   std::vector<index_t> grp0;            // [slice] first group of the slice
 
-  ValuePlan(index_t d, index_t g) : D(d), G(g), per_row((d + g - 1) / g) {
+  QPKV_TARGET ValuePlan(index_t d, index_t g) : D(d), G(g), per_row((d + g - 1) / g) {
     const index_t slices = D / U;
     grp_idx.resize(static_cast<std::size_t>(slices * 16));
     grp0.resize(static_cast<std::size_t>(slices));
@@ -280,7 +280,7 @@ struct ValuePlan {
 /// Natural channel order (per vectors of 16 consecutive channels) -> slice order (vector k lane j =
 /// channel per*j + k), and back.
 template <int Per>
-inline void to_slice_order(__m512* v) {
+inline QPKV_TARGET void to_slice_order(__m512* v) {
   if constexpr (Per == 2) {
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -301,7 +301,7 @@ inline void to_slice_order(__m512* v) {
 }
 
 template <int Per>
-inline void to_natural_order(__m512* v) {
+inline QPKV_TARGET void to_natural_order(__m512* v) {
   if constexpr (Per == 2) {
     const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -328,7 +328,7 @@ inline void to_natural_order(__m512* v) {
 
 /// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once.
 template <int VB, int NQ>
-void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
+QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
                  const float* p, index_t pstride, float* acc, float* sf, float* mf) {
   constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
   const index_t D = plan.D, per_row = plan.per_row;
@@ -393,7 +393,7 @@ struct ValueFast {
   std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
 
-  ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
+  QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
     // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, B / 2 pairs: stay inside int32
     const double worst = static_cast<double>(b) * 32767.0 * ((1 << VB) - 1);
     ok = D % U == 0 && D % G == 0 && G % per == 0 && per_row <= 8 && 16 % per_row == 0 && B % 2 == 0 &&
@@ -420,7 +420,7 @@ struct ValueFast {
   }
 
   /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block.
-  void weights(const std::uint16_t* sc, const std::uint16_t* mn, const float* p, index_t pstride, index_t nq) {
+  QPKV_TARGET void weights(const std::uint16_t* sc, const std::uint16_t* mn, const float* p, index_t pstride, index_t nq) {
     alignas(64) std::int32_t tok[16], words[16];
     for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
     // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
@@ -467,7 +467,7 @@ struct ValueFast {
 
   /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
   template <int NQ>
-  void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
+  QPKV_TARGET void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
     const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
     const std::size_t pair_dw = static_cast<std::size_t>(per_row);
     for (index_t u = 0; u < D / U; ++u) {
@@ -506,7 +506,7 @@ struct ValueFast {
   }
 
   /// Slab order -> natural channel order, in place, for g rows of D.
-  void natural_order(float* acc, index_t g) const {
+  QPKV_TARGET void natural_order(float* acc, index_t g) const {
     std::vector<float> tmp(static_cast<std::size_t>(D));
     for (index_t i = 0; i < g; ++i) {
       float* a = acc + i * D;
@@ -548,7 +548,7 @@ struct KeyFold {
   std::vector<float> sf, mf;        // scratch: the group's scales and mins as float
   __m512i vorder{};                 // lane order of 16 channels in qhi / qlo
 
-  KeyFold(index_t g_, index_t D_, bool fast_) : g(g_), D(D_), fast(fast_) {
+  QPKV_TARGET KeyFold(index_t g_, index_t D_, bool fast_) : g(g_), D(D_), fast(fast_) {
     sf.resize(static_cast<std::size_t>(D));
     mf.resize(static_cast<std::size_t>(D));
     qs.resize(static_cast<std::size_t>(g * D));
@@ -564,7 +564,7 @@ struct KeyFold {
     vorder = _mm512_load_si512(order);
   }
 
-  void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q) {
+  QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q) {
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
     float* __restrict q_s = qs.data();
@@ -623,7 +623,7 @@ struct KeyFold {
 /// Logits of 16 tokens (code rows at `codes`, `row` bytes apart) for NQ queries starting at qi:
 /// logits[(qi + i) * lstride + t]. Exact float path.
 template <int KB, int NQ>
-void key_tile_exact(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
+QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                     float* logits, index_t lstride) {
   constexpr int cpd = 32 / KB;
   const index_t dwords = D / cpd;
@@ -656,7 +656,7 @@ void key_tile_exact(const std::uint8_t* codes, std::size_t row, index_t D, const
 #if defined(QPKV_CPU_AVX512VNNI)
 /// As key_tile_exact, with vpdpbusd on the integer query (AttendPrecision::fast).
 template <int KB, int NQ>
-void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
+QPKV_TARGET void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                    float* logits, index_t lstride) {
   constexpr int cpd = 32 / KB, per = 8 / KB;
   const index_t dwords = D / cpd;
@@ -691,7 +691,7 @@ void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const 
 
 /// Query tiles of 4, 2, 1 over the g queries.
 template <class Fn4, class Fn2, class Fn1>
-inline void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
+inline QPKV_TARGET void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
   index_t i = 0;
   for (; i + 4 <= g; i += 4) f4(i);
   for (; i + 2 <= g; i += 2) f2(i);
@@ -700,7 +700,7 @@ inline void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
 
 /// One work item over a KIVI cache: blocks [b0, b1) of head h, then the residual if asked.
 template <int KB, int VB>
-void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout& vl, index_t key_group,
+QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout& vl, index_t key_group,
                const ValuePlan<VB>& plan, index_t h, index_t b0, index_t b1, bool residual, const float* q,
                const Partial& p, bool fast) {
   const CacheLayout& L = st.layout;
@@ -776,4 +776,4 @@ void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout&
 #pragma GCC diagnostic pop
 #endif
 
-#endif  // QPKV_CPU_AVX512
+#endif  // QPKV_CPU_AVX512_KERNELS
