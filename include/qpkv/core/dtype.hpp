@@ -84,10 +84,11 @@ inline void to_float(const half* QPKV_RESTRICT src, std::size_t n, float* QPKV_R
     const std::uint32_t em = (h & 0x7fffu) << 13;  // exponent and mantissa in float position
     const std::uint32_t e = em & 0x0f800000u;
     const std::uint32_t rebased = em + ((127u - 15u) << 23);
-    const std::uint32_t special = e == 0x0f800000u ? rebased + ((128u - 16u) << 23) : rebased;
-    const float sub = bits_float(rebased + (1u << 23)) - bits_float(113u << 23);
-    const std::uint32_t mag = e == 0 ? float_bits(sub) : special;
-    dst[i] = bits_float(mag | ((h & 0x8000u) << 16));
+    const std::uint32_t inf_nan = 0u - static_cast<std::uint32_t>(e == 0x0f800000u);  // all ones or 0
+    const std::uint32_t tiny = 0u - static_cast<std::uint32_t>(e == 0u);
+    const std::uint32_t normal = rebased + (inf_nan & ((128u - 16u) << 23));
+    const std::uint32_t sub = float_bits(bits_float(rebased + (1u << 23)) - bits_float(113u << 23));
+    dst[i] = bits_float((tiny & sub) | (~tiny & normal) | ((h & 0x8000u) << 16));
   }
 }
 

@@ -190,6 +190,22 @@ inline void rows_times_weights(const float* p, index_t pstride, const float* v, 
     for (index_t t = 0; t < n; ++t) axpy(p[i * pstride + t], v + t * D, D, acc + i * D);
 }
 
+/// logits[i * n + t] = q_i . k_t for n dense key rows and g queries.
+inline void dense_logits(const float* q, index_t g, const float* k, index_t n, index_t D, float* logits) {
+  index_t i = 0;
+  for (; i + 4 <= g; i += 4)
+    for (index_t t = 0; t < n; ++t) {
+      float o[4];
+      dot4(q + i * D, D, k + t * D, D, o);
+      for (int j = 0; j < 4; ++j) logits[(i + j) * n + t] = o[j];
+    }
+  for (; i < g; ++i)
+    for (index_t t = 0; t < n; ++t) logits[i * n + t] = dot(q + i * D, k + t * D, D);
+}
+
+/// Tokens attended at once when blocks are shorter (see item_portable).
+inline constexpr index_t kTile = 32;
+
 struct Scratch {
   std::vector<float> dec;   // B x D: centred codes, dequantized values or decoded rows
   std::vector<float> qs;    // g x D: queries with the group's scales folded in
@@ -265,8 +281,7 @@ void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, co
     }
   }
   kq.decode(part, B, D, s.dec.data());
-  for (index_t i = 0; i < g; ++i)
-    for (index_t t = 0; t < B; ++t) logits[i * B + t] = dot(q + i * D, s.dec.data() + t * D, D);
+  dense_logits(q, g, s.dec.data(), B, D, logits);
 }
 
 /// acc[i * D + c] += sum_t p[i * B + t] * v_tc over the B tokens of a value part.
@@ -346,24 +361,39 @@ void item_portable(const KQ& kq, const VQ& vq, const CacheState& st, index_t h, 
   const CacheLayout& L = st.layout;
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
   const index_t R = with_residual ? st.residual : 0;
+  // Blocks shorter than kTile tokens (Fp16: 1 token; per-token quantizers) are decoded kTile
+  // tokens at a time and attended densely, so that the per-block work (softmax bookkeeping, the
+  // accumulator round trip) is not paid per token.
+  const index_t per_tile = B < kTile ? kTile / B : 1, T = per_tile * B;
   Scratch s;
-  s.dec.resize(static_cast<std::size_t>(std::max(B, R) * D));
+  s.dec.resize(static_cast<std::size_t>(std::max({B, R, T}) * D));
   s.qs.resize(static_cast<std::size_t>(g * D));
   s.sf.resize(static_cast<std::size_t>(D));
   s.mf.resize(static_cast<std::size_t>(D));
   s.tmp.resize(static_cast<std::size_t>(std::max(D, g * D)));
-  std::vector<float> logits(static_cast<std::size_t>(g * std::max<index_t>(std::max(B, R), 1)));
-  for (index_t b = b0; b < b1; ++b) {
-    const std::uint8_t* block = st.data + L.block_offset(h, b);
-    key_logits(kq, block, B, D, qh, g, logits.data(), s);
-    softmax_step(logits.data(), B, B, g, D, m, l, acc);
-    accumulate_values(vq, block + L.key_part, B, D, logits.data(), g, acc, s);
+  std::vector<float> logits(static_cast<std::size_t>(g * std::max<index_t>({B, R, T, 1})));
+  if (per_tile > 1) {
+    for (index_t b = b0; b < b1; b += per_tile) {
+      const index_t nb = std::min(per_tile, b1 - b), n = nb * B;
+      for (index_t k = 0; k < nb; ++k) kq.decode(st.data + L.block_offset(h, b + k), B, D, s.dec.data() + k * B * D);
+      dense_logits(qh, g, s.dec.data(), n, D, logits.data());
+      softmax_step(logits.data(), n, n, g, D, m, l, acc);
+      for (index_t k = 0; k < nb; ++k)
+        vq.decode(st.data + L.block_offset(h, b + k) + L.key_part, B, D, s.dec.data() + k * B * D);
+      rows_times_weights(logits.data(), n, s.dec.data(), n, D, g, acc);
+    }
+  } else {
+    for (index_t b = b0; b < b1; ++b) {
+      const std::uint8_t* block = st.data + L.block_offset(h, b);
+      key_logits(kq, block, B, D, qh, g, logits.data(), s);
+      softmax_step(logits.data(), B, B, g, D, m, l, acc);
+      accumulate_values(vq, block + L.key_part, B, D, logits.data(), g, acc, s);
+    }
   }
   if (R > 0) {
     const auto n = static_cast<std::size_t>(R * D);
     to_float(reinterpret_cast<const half*>(st.data + L.residual_key_offset(h, 0)), n, s.dec.data());
-    for (index_t i = 0; i < g; ++i)
-      for (index_t t = 0; t < R; ++t) logits[i * R + t] = dot(qh + i * D, s.dec.data() + t * D, D);
+    dense_logits(qh, g, s.dec.data(), R, D, logits.data());
     softmax_step(logits.data(), R, R, g, D, m, l, acc);
     to_float(reinterpret_cast<const half*>(st.data + L.residual_value_offset(h, 0)), n, s.dec.data());
     rows_times_weights(logits.data(), R, s.dec.data(), R, D, g, acc);
