@@ -392,6 +392,7 @@ struct ValueFast {
   std::vector<float> wf;               // scratch: B * per_row folded weights of one query
   std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
+  std::vector<float> tmp;              // scratch: one row of D for natural_order()
 
   QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
     // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, B / 2 pairs: stay inside int32
@@ -417,6 +418,7 @@ struct ValueFast {
     wq.resize(static_cast<std::size_t>(nq * (B / 2) * per_row + 16));
     step.resize(static_cast<std::size_t>(nq * per_row + 16));
     mterm.resize(step.size());
+    tmp.resize(static_cast<std::size_t>(D));
   }
 
   /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block.
@@ -506,8 +508,7 @@ struct ValueFast {
   }
 
   /// Slab order -> natural channel order, in place, for g rows of D.
-  QPKV_TARGET void natural_order(float* acc, index_t g) const {
-    std::vector<float> tmp(static_cast<std::size_t>(D));
+  QPKV_TARGET void natural_order(float* acc, index_t g) {
     for (index_t i = 0; i < g; ++i) {
       float* a = acc + i * D;
       for (index_t u = 0; u < D / U; ++u)
