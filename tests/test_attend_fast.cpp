@@ -5,6 +5,9 @@
 // where the AVX-512 / VNNI kernels run.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "test_util.hpp"
@@ -73,5 +76,35 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
     SUBCASE("KIVI 4-bit, group 16, GQA 1") { check<Kivi<4, 4, 16>>(2100, p, bound, 17, 2); }
     SUBCASE("KIVI 8-bit keys, 4-bit values, group 128") { check<Kivi<8, 4, 128>>(2300, p, bound); }
     SUBCASE("KIVI 8-bit, group 128, GQA 2") { check<Kivi<8, 8, 128>>(2200, p, bound, 0, 4); }
+  }
+}
+
+TEST_CASE("the portable kernels' exp, sums and dot products") {
+  using cpu::detail::exp_neg;
+  // within 2 ulp of std::exp on [-87, 0], exactly 0 below -87.3, NaN stays NaN, no UB on NaN/inf
+  float worst = 0.0f;
+  for (float x = -87.0f; x <= 0.0f; x += 0.0137f) {
+    const float e = std::exp(x);
+    worst = std::max(worst, std::abs(exp_neg(x) - e) / e);
+  }
+  CHECK(worst < 2.5e-7f);
+  CHECK(exp_neg(0.0f) == 1.0f);
+  CHECK(exp_neg(-100.0f) == 0.0f);
+  CHECK(exp_neg(-std::numeric_limits<float>::infinity()) == 0.0f);
+  CHECK(std::isnan(exp_neg(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(std::isfinite(exp_neg(std::numeric_limits<float>::infinity())));  // clamped, never converted
+  // 16-lane partial sums: same value as a float64 sum within float rounding, any length
+  for (const index_t n : {0, 1, 15, 16, 17, 100, 128, 1000}) {
+    std::vector<float> a = randn(static_cast<std::size_t>(n), 3), b = randn(static_cast<std::size_t>(n), 4);
+    double d = 0.0, s = 0.0, m = -1e30;
+    for (index_t i = 0; i < n; ++i) {
+      d += static_cast<double>(a[i]) * b[i];
+      s += a[i];
+      m = std::max(m, static_cast<double>(a[i]));
+    }
+    CAPTURE(n);
+    CHECK(cpu::detail::dot(a.data(), b.data(), n) == doctest::Approx(d).epsilon(1e-5).scale(1.0));
+    CHECK(cpu::detail::sum(a.data(), n) == doctest::Approx(s).epsilon(1e-5).scale(1.0));
+    if (n > 0) CHECK(cpu::detail::max(a.data(), n) == static_cast<float>(m));
   }
 }
