@@ -461,7 +461,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
       if (kernel == Kernel::kivi) {
         const avx512::ValuePlan<VQ::bits> plan(D, vq.group);
         avx512::kivi_item<KQ::bits, VQ::bits>(st, kl, vl, kq.group, plan, h, b0, b1, with_residual, qh, p,
-                                              precision == AttendPrecision::fast);
+                                              precision == AttendPrecision::fast && avx512_vnni_usable());
         return;
       }
     } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {

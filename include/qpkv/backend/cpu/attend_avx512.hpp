@@ -469,7 +469,7 @@ struct ValueFast {
 
   /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
   template <int NQ>
-  QPKV_TARGET void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
+  QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
     const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
     const std::size_t pair_dw = static_cast<std::size_t>(per_row);
     for (index_t u = 0; u < D / U; ++u) {
@@ -657,7 +657,7 @@ QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, inde
 #if defined(QPKV_CPU_AVX512VNNI)
 /// As key_tile_exact, with vpdpbusd on the integer query (AttendPrecision::fast).
 template <int KB, int NQ>
-QPKV_TARGET void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
+QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                    float* logits, index_t lstride) {
   constexpr int cpd = 32 / KB, per = 8 / KB;
   const index_t dwords = D / cpd;

@@ -4,12 +4,16 @@
 //  - Built with AVX-512 enabled (-march=native on an AVX-512 machine, or -mavx512f -mavx512bw
 //    -mavx512vl -mavx512dq -mf16c -mfma [-mavx512vnni]): the AVX-512 kernels are compiled for the
 //    target and always used (QPKV_CPU_AVX512).
-//  - Otherwise, with GCC or Clang on x86-64: the same kernels are compiled with a target attribute
-//    (AVX-512 F/BW/VL/DQ + VNNI, F16C, FMA) and attend() uses them when the CPU it runs on has those
-//    features, checked once at run time (QPKV_CPU_DISPATCH); elsewhere it runs the portable C++
-//    kernels, which the compiler vectorizes for the build's target (SSE2, AVX2, NEON ...).
+//  - Otherwise, with GCC or Clang on x86-64: the same kernels are compiled with target attributes
+//    (AVX-512 F/BW/VL/DQ, F16C, FMA; + VNNI for the integer products of AttendPrecision::fast) and
+//    attend() uses them when the CPU it runs on has those features, checked once at run time
+//    (QPKV_CPU_DISPATCH; without VNNI, fast runs the exact kernels); elsewhere it runs the portable
+//    C++ kernels, which the compiler vectorizes for the build's target (SSE2, AVX2, NEON ...).
 //  - Define QPKV_NO_SIMD to force the portable kernels, QPKV_NO_DISPATCH to compile only what the
 //    build targets (no run-time check).
+//  - At run time, the environment variable QPKV_CPU caps the kernels a process uses: `portable`,
+//    `avx512` (no VNNI: AttendPrecision::fast runs the exact kernels) or `avx512-vnni` (no cap);
+//    any other value is an error. Benchmarks and tests use it to compare kernels in one binary.
 // Every kernel gives the same results up to float rounding (tests compare them with float64).
 #pragma once
 
@@ -27,15 +31,24 @@
 #define QPKV_CPU_AVX512VNNI 1
 #endif
 
+#include <cstdlib>
+#include <string_view>
+
+#include "qpkv/core/error.hpp"
+
 #if defined(QPKV_CPU_AVX512_KERNELS)
 #include <immintrin.h>
 #endif
 
-/// The target attribute of every AVX-512 kernel function (empty when the build targets AVX-512).
+/// The target attributes of the AVX-512 kernel functions (empty when the build targets AVX-512):
+/// QPKV_TARGET for all of them, QPKV_TARGET_VNNI for the two that use VNNI (the integer products
+/// of AttendPrecision::fast), so that an AVX-512 CPU without VNNI runs the rest.
 #if defined(QPKV_CPU_DISPATCH)
-#define QPKV_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define QPKV_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define QPKV_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #else
 #define QPKV_TARGET
+#define QPKV_TARGET_VNNI
 #endif
 
 /// Forces inlining of small SIMD helpers whose arguments are register arrays: out of line, GCC
@@ -48,19 +61,45 @@
 
 namespace qpkv::cpu {
 
+/// The QPKV_CPU cap, read once: 0 portable, 1 avx512, 2 avx512-vnni (no cap, the default).
+inline int cpu_cap() {
+  static const int cap = [] {
+    const char* e = std::getenv("QPKV_CPU");
+    if (e == nullptr || *e == '\0') return 2;
+    const std::string_view v(e);
+    if (v == "portable") return 0;
+    if (v == "avx512") return 1;
+    if (v == "avx512-vnni") return 2;
+    throw Error(qpkv::detail::concat("qpkv: QPKV_CPU: expected portable, avx512 or avx512-vnni, got '", v, "'"));
+  }();
+  return cap;
+}
+
 /// Can this process run the AVX-512 kernels? (Always, when the build targets AVX-512; with
 /// run-time dispatch, when the CPU has every feature of QPKV_TARGET.)
 inline bool avx512_usable() {
 #if defined(QPKV_CPU_DISPATCH)
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    return cpu_cap() >= 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");  // F16C comes with AVX2 CPUs
   }();
   return ok;
 #elif defined(QPKV_CPU_AVX512_KERNELS)
-  return true;
+  return cpu_cap() >= 1;
+#else
+  return false;
+#endif
+}
+
+/// ... and their VNNI parts (AttendPrecision::fast; without them fast runs the exact kernels)?
+inline bool avx512_vnni_usable() {
+#if defined(QPKV_CPU_DISPATCH)
+  static const bool ok = cpu_cap() >= 2 && avx512_usable() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+#elif defined(QPKV_CPU_AVX512VNNI)
+  return cpu_cap() >= 2;
 #else
   return false;
 #endif
@@ -71,13 +110,9 @@ inline bool avx512_usable() {
 /// "portable".
 inline const char* simd_name() {
 #if defined(QPKV_CPU_DISPATCH)
-  return avx512_usable() ? "avx512-vnni (dispatch)" : "portable";
-#elif defined(QPKV_CPU_AVX512VNNI)
-  return "avx512-vnni";
-#elif defined(QPKV_CPU_AVX512)
-  return "avx512";
+  return avx512_vnni_usable() ? "avx512-vnni (dispatch)" : avx512_usable() ? "avx512 (dispatch)" : "portable";
 #else
-  return "portable";
+  return avx512_vnni_usable() ? "avx512-vnni" : avx512_usable() ? "avx512" : "portable";
 #endif
 }
 
