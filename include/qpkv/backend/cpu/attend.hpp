@@ -57,9 +57,10 @@ namespace detail {
 
 inline constexpr index_t kLanes = 16;  ///< partial sums per reduction
 
-/// Folds kLanes partial sums in a fixed pairwise order.
-inline float fold_lanes(float* lane) {
-  for (index_t w = kLanes / 2; w > 0; w /= 2)
+/// Folds W partial sums in a fixed pairwise order.
+template <index_t W = kLanes>
+float fold_lanes(float* lane) {
+  for (index_t w = W / 2; w > 0; w /= 2)
     for (index_t j = 0; j < w; ++j) lane[j] += lane[j + w];
   return lane[0];
 }
@@ -88,9 +89,7 @@ inline void dot4(const float* QPKV_RESTRICT a, index_t lda, const float* QPKV_RE
   for (int i = 0; i < 4; ++i) {
     float tail = 0.0f;
     for (index_t k = c; k < n; ++k) tail += a[i * lda + k] * b[k];
-    for (index_t w = W / 2; w > 0; w /= 2)
-      for (index_t j = 0; j < w; ++j) lane[i][j] += lane[i][j + w];
-    out[i] = lane[i][0] + tail;
+    out[i] = fold_lanes<W>(lane[i]) + tail;
   }
 }
 
@@ -212,7 +211,7 @@ struct Scratch {
   std::vector<float> qs;    // g x D: queries with the group's scales folded in
   std::vector<float> sf;    // D: scales of a key group
   std::vector<float> mf;    // D: mins + centre x scales of a key group
-  std::vector<float> tmp;   // D: per-group partial sums
+  std::vector<float> tmp;   // g x D: biases, per-group query sums or per-channel partial sums
 };
 
 /// Centred float codes of the B rows of an Affine part (once per block, for all queries).
@@ -371,7 +370,7 @@ void item_portable(const KQ& kq, const VQ& vq, const CacheState& st, index_t h, 
   s.qs.resize(static_cast<std::size_t>(g * D));
   s.sf.resize(static_cast<std::size_t>(D));
   s.mf.resize(static_cast<std::size_t>(D));
-  s.tmp.resize(static_cast<std::size_t>(std::max(D, g * D)));
+  s.tmp.resize(static_cast<std::size_t>(g * D));  // g biases, g x per_row query sums, or D sums
   std::vector<float> logits(static_cast<std::size_t>(g * std::max<index_t>({B, R, T, 1})));
   if (per_tile > 1) {
     for (index_t b = b0; b < b1; b += per_tile) {

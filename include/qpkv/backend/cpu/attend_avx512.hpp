@@ -109,15 +109,25 @@ inline QPKV_TARGET void softmax_step(float* logits, index_t n, index_t stride, i
   }
 }
 
-/// Sums of four vectors in lanes 0..3 (a, b, c, d).
-inline QPKV_TARGET __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // swap 64-bit halves of each 128-bit lane
-  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // swap neighbours
+/// The sums (hsum4) or maxima (hmax4) of four vectors, in lanes 0..3 (a, b, c, d): one shuffle
+/// tree, Op combining the halves at each level.
+template <class Op>
+QPKV_INLINE __m128 hreduce4(__m512 a, __m512 b, __m512 c, __m512 d, Op op) {
+  const __m512 ab = op(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = op(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = op(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = op(x, _mm512_permute_ps(x, 0x4E));  // swap 64-bit halves of each 128-bit lane
+  x = op(x, _mm512_permute_ps(x, 0xB1));  // swap neighbours
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
 }
+struct AddPs {
+  QPKV_INLINE __m512 operator()(__m512 x, __m512 y) const { return _mm512_add_ps(x, y); }
+};
+struct MaxPs {
+  QPKV_INLINE __m512 operator()(__m512 x, __m512 y) const { return _mm512_max_ps(x, y); }
+};
+QPKV_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) { return hreduce4(a, b, c, d, AddPs{}); }
+QPKV_INLINE __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) { return hreduce4(a, b, c, d, MaxPs{}); }
 
 /// In-register transpose of 16 x 16 dwords: afterwards r[c] lane t = old r[t] lane c.
 QPKV_INLINE void transpose16(__m512i* r) {
@@ -519,16 +529,6 @@ struct ValueFast {
   }
 };
 #endif
-
-/// Horizontal max and sum of four vectors, in lanes 0..3 (a, b, c, d).
-QPKV_INLINE __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 x = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
-  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
-}
 
 /// Per key group: the query with the group's per-channel scales folded in, in the layout the key
 /// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1). The g
