@@ -403,6 +403,9 @@ struct ValueFast {
   std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
   std::vector<float> tmp;              // scratch: one row of D for natural_order()
+  std::vector<float> sfv, mfv;         // scratch: the block's B * per_row value scales and mins as float
+  __m512i vtok{}, vwords2{};           // weights(): lane -> token of a 16-scale vector; word order of two
+  __m256i vwords{};                    //   vectors after packs, and of one vector
 
   QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
     // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, B / 2 pairs: stay inside int32
@@ -425,6 +428,24 @@ struct ValueFast {
       uniform[u] = same;
     }
     wf.resize(static_cast<std::size_t>(B * per_row));
+    sfv.resize(wf.size());
+    mfv.resize(wf.size());
+    alignas(64) std::int32_t tok[16], words[16];
+    alignas(64) std::int16_t words2[32];
+    for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
+    // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
+    for (int o = 0; o < 16; ++o) {
+      const int pr = o / (2 * static_cast<int>(per_row)), gr = (o / 2) % static_cast<int>(per_row), par = o % 2;
+      words[o] = (2 * pr + par) * static_cast<int>(per_row) + gr;
+    }
+    // the same for two vectors a, b after packs(a, b): lane l of a is word 8 (l / 4) + l % 4, of b 4 more
+    for (int o = 0; o < 32; ++o) {
+      const int l = words[o % 16];
+      words2[o] = static_cast<std::int16_t>(8 * (l / 4) + 4 * (o / 16) + l % 4);
+    }
+    vtok = _mm512_load_si512(tok);
+    vwords = _mm512_cvtepi32_epi16(_mm512_load_si512(words));
+    vwords2 = _mm512_load_si512(words2);
     wq.resize(static_cast<std::size_t>(nq * (B / 2) * per_row + 16));
     step.resize(static_cast<std::size_t>(nq * per_row + 16));
     mterm.resize(step.size());
@@ -433,26 +454,22 @@ struct ValueFast {
 
   /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block.
   QPKV_TARGET void weights(const std::uint16_t* sc, const std::uint16_t* mn, const float* p, index_t pstride, index_t nq) {
-    alignas(64) std::int32_t tok[16], words[16];
-    for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
-    // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
-    for (int o = 0; o < 16; ++o) {
-      const int pr = o / (2 * static_cast<int>(per_row)), gr = (o / 2) % static_cast<int>(per_row), par = o % 2;
-      words[o] = (2 * pr + par) * static_cast<int>(per_row) + gr;
-    }
-    const __m512i vtok = _mm512_load_si512(tok);
-    const __m256i vwords = _mm512_cvtepi32_epi16(_mm512_load_si512(words));
     const index_t nv = B * per_row / 16;
+    float* __restrict S = sfv.data();
+    float* __restrict M = mfv.data();
+    for (index_t v = 0; v < nv; ++v) {  // the block's scales and mins, converted once for all queries
+      _mm512_storeu_ps(S + v * 16, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * 16))));
+      _mm512_storeu_ps(M + v * 16, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + v * 16))));
+    }
+    const __mmask16 tm = tail_mask(tpz);
     for (index_t i = 0; i < nq; ++i) {
       __m512 mx = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
       for (index_t v = 0; v < nv; ++v) {
-        const __m512 P = _mm512_permutexvar_ps(vtok, _mm512_maskz_loadu_ps(tail_mask(tpz), p + i * pstride + v * tpz));
-        const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * 16)));
-        const __m512 M = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + v * 16)));
-        const __m512 W = _mm512_mul_ps(P, S);
+        const __m512 P = _mm512_permutexvar_ps(vtok, _mm512_maskz_loadu_ps(tm, p + i * pstride + v * tpz));
+        const __m512 W = _mm512_mul_ps(P, _mm512_loadu_ps(S + v * 16));
         _mm512_storeu_ps(wf.data() + v * 16, W);
         mx = _mm512_max_ps(mx, W);
-        mt = _mm512_fmadd_ps(P, M, mt);
+        mt = _mm512_fmadd_ps(P, _mm512_loadu_ps(M + v * 16), mt);
       }
       for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
         const __m512i r = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -465,14 +482,20 @@ struct ValueFast {
       const __m512 stp = _mm512_mul_ps(mx, _mm512_set1_ps(1.0f / 32767.0f));
       _mm512_mask_storeu_ps(step.data() + i * per_row, gm, stp);
       _mm512_mask_storeu_ps(mterm.data() + i * per_row, gm, mt);
-      // inverse step per lane (lane l is group l % per_row); 0 where a group's weights are all 0
+      // inverse step per lane (lane l is group l % per_row); 0 where a group's weights are all 0.
+      // W * inv <= 32767 up to float rounding; packs saturates to int16 in any case.
       const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ),
                                              _mm512_set1_ps(32767.0f), mx);
-      auto* out = reinterpret_cast<__m256i*>(wq.data() + i * (B / 2) * per_row);
-      for (index_t v = 0; v < nv; ++v) {
-        const __m512i Wi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv),
-                                                            _mm512_set1_ps(32767.0f)));
-        _mm256_storeu_si256(out + v, _mm256_permutexvar_epi16(vwords, _mm512_cvtepi32_epi16(Wi)));
+      std::int32_t* out = wq.data() + i * (B / 2) * per_row;
+      index_t v = 0;
+      for (; v + 2 <= nv; v += 2) {  // two vectors: one saturating pack, one word permutation
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv));
+        const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16 + 16), inv));
+        _mm512_storeu_si512(out + v * 8, _mm512_permutexvar_epi16(vwords2, _mm512_packs_epi32(a, b)));
+      }
+      if (v < nv) {
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + v * 8), _mm256_permutexvar_epi16(vwords, _mm512_cvtsepi32_epi16(a)));
       }
     }
   }
@@ -491,7 +514,7 @@ struct ValueFast {
         for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
       const std::int32_t* w0 = wq.data() + static_cast<std::size_t>(qi) * (B / 2) * pair_dw + g0;
       for (index_t t = 0; t < B; t += 2) {
-        const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
+          const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
         const __m512i x = _mm512_or_si512(
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
             _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
