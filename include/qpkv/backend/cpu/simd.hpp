@@ -9,11 +9,16 @@
 //    attend() uses them when the CPU it runs on has those features, checked once at run time
 //    (QPKV_CPU_DISPATCH; without VNNI, fast runs the exact kernels); elsewhere it runs the portable
 //    C++ kernels, which the compiler vectorizes for the build's target (SSE2, AVX2, NEON ...).
+//    With dispatch and a build target below AVX2 (the x86-64 default), the portable kernels are
+//    compiled twice: for the target, and for AVX2 + FMA + F16C (QPKV_CPU_AVX2_COPY), which runs
+//    on CPUs that have AVX2 but not AVX-512.
 //  - Define QPKV_NO_SIMD to force the portable kernels, QPKV_NO_DISPATCH to compile only what the
 //    build targets (no run-time check).
-//  - At run time, the environment variable QPKV_CPU caps the kernels a process uses: `portable`,
-//    `avx512` (no VNNI: AttendPrecision::fast runs the exact kernels) or `avx512-vnni` (no cap);
-//    any other value is an error. Benchmarks and tests use it to compare kernels in one binary.
+//  - At run time, the environment variable QPKV_CPU caps the kernels a process uses: `portable`
+//    (the build target's portable kernels), `avx2` (the AVX2 copy of the portable kernels, where
+//    compiled), `avx512` (no VNNI: AttendPrecision::fast runs the exact kernels) or `avx512-vnni`
+//    (no cap); any other value is an error. Benchmarks and tests use it to compare kernels in one
+//    binary.
 // Every kernel gives the same results up to float rounding (tests compare them with float64).
 #pragma once
 
@@ -29,6 +34,9 @@
 #define QPKV_CPU_DISPATCH 1
 #define QPKV_CPU_AVX512_KERNELS 1
 #define QPKV_CPU_AVX512VNNI 1
+#if !defined(__AVX2__)
+#define QPKV_CPU_AVX2_COPY 1
+#endif
 #endif
 
 #include <cstdlib>
@@ -61,18 +69,36 @@
 
 namespace qpkv::cpu {
 
-/// The QPKV_CPU cap, read once: 0 portable, 1 avx512, 2 avx512-vnni (no cap, the default).
+/// Levels of the QPKV_CPU cap.
+inline constexpr int kCapPortable = 0, kCapAvx2 = 1, kCapAvx512 = 2, kCapAvx512Vnni = 3;
+
+/// The QPKV_CPU cap, read once (kCapAvx512Vnni, no cap, when unset).
 inline int cpu_cap() {
   static const int cap = [] {
     const char* e = std::getenv("QPKV_CPU");
-    if (e == nullptr || *e == '\0') return 2;
+    if (e == nullptr || *e == '\0') return kCapAvx512Vnni;
     const std::string_view v(e);
-    if (v == "portable") return 0;
-    if (v == "avx512") return 1;
-    if (v == "avx512-vnni") return 2;
-    throw Error(qpkv::detail::concat("qpkv: QPKV_CPU: expected portable, avx512 or avx512-vnni, got '", v, "'"));
+    if (v == "portable") return kCapPortable;
+    if (v == "avx2") return kCapAvx2;
+    if (v == "avx512") return kCapAvx512;
+    if (v == "avx512-vnni") return kCapAvx512Vnni;
+    throw Error(qpkv::detail::concat("qpkv: QPKV_CPU: expected portable, avx2, avx512 or avx512-vnni, got '", v, "'"));
   }();
   return cap;
+}
+
+/// Does this process run the AVX2 copy of the portable kernels (for what the AVX-512 kernels do
+/// not cover, or on a CPU without AVX-512)? Only dispatch builds below AVX2 have that copy.
+inline bool avx2_usable() {
+#if defined(QPKV_CPU_AVX2_COPY)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_cap() >= kCapAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with AVX2 CPUs
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
 /// Can this process run the AVX-512 kernels? (Always, when the build targets AVX-512; with
@@ -81,13 +107,13 @@ inline bool avx512_usable() {
 #if defined(QPKV_CPU_DISPATCH)
   static const bool ok = [] {
     __builtin_cpu_init();
-    return cpu_cap() >= 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    return cpu_cap() >= kCapAvx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");  // F16C comes with AVX2 CPUs
   }();
   return ok;
 #elif defined(QPKV_CPU_AVX512_KERNELS)
-  return cpu_cap() >= 1;
+  return cpu_cap() >= kCapAvx512;
 #else
   return false;
 #endif
@@ -96,21 +122,24 @@ inline bool avx512_usable() {
 /// ... and their VNNI parts (AttendPrecision::fast; without them fast runs the exact kernels)?
 inline bool avx512_vnni_usable() {
 #if defined(QPKV_CPU_DISPATCH)
-  static const bool ok = cpu_cap() >= 2 && avx512_usable() && __builtin_cpu_supports("avx512vnni");
+  static const bool ok = cpu_cap() >= kCapAvx512Vnni && avx512_usable() && __builtin_cpu_supports("avx512vnni");
   return ok;
 #elif defined(QPKV_CPU_AVX512VNNI)
-  return cpu_cap() >= 2;
+  return cpu_cap() >= kCapAvx512Vnni;
 #else
   return false;
 #endif
 }
 
 /// The kernel family attend() runs for KIVI and fp16 caches in this process: "avx512-vnni",
-/// "avx512" (compiled for the target), "avx512-vnni (dispatch)" (chosen at run time) or
-/// "portable".
+/// "avx512" (compiled for the target), "avx512-vnni (dispatch)", "avx512 (dispatch)", "avx2
+/// (dispatch)" (chosen at run time) or "portable".
 inline const char* simd_name() {
 #if defined(QPKV_CPU_DISPATCH)
-  return avx512_vnni_usable() ? "avx512-vnni (dispatch)" : avx512_usable() ? "avx512 (dispatch)" : "portable";
+  return avx512_vnni_usable() ? "avx512-vnni (dispatch)"
+         : avx512_usable()    ? "avx512 (dispatch)"
+         : avx2_usable()      ? "avx2 (dispatch)"
+                              : "portable";
 #else
   return avx512_vnni_usable() ? "avx512-vnni" : avx512_usable() ? "avx512" : "portable";
 #endif
