@@ -75,6 +75,27 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, fx));
 }
 
+/// Software prefetch of a work item's KIVI blocks, one cache line per step(), into L2
+/// (prefetcht1). The kernels call step() once per key-tile column and once per value row (pair),
+/// more often than a block has lines; kivi_item() keeps the cursor kPrefetchBlocks ahead of the
+/// block being read and at most one block further. Why this shape, measured at 32K tokens
+/// (docs/performance.md): a burst of a whole block's prefetches at the block start filled the
+/// miss buffers (slower); prefetches spread like this alone changed nothing, because on this CPU
+/// they do not get past a page whose translation is not cached; together with one demand load
+/// two blocks ahead (kivi_item), which brings each new page's translation in early, they cut
+/// the time by 4-5%.
+struct Prefetch {
+  const std::uint8_t* next = nullptr;
+  const std::uint8_t* stop = nullptr;
+  QPKV_INLINE void step() {
+    if (next < stop) {
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+      next += 64;
+    }
+  }
+};
+inline constexpr index_t kPrefetchBlocks = 1, kTouchBlocks = 2;
+
 QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
@@ -339,7 +360,7 @@ inline QPKV_TARGET void to_natural_order(__m512* v) {
 /// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once.
 template <int VB, int NQ>
 QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
-                 const float* p, index_t pstride, float* acc, float* sf, float* mf) {
+                 const float* p, index_t pstride, float* acc, float* sf, float* mf, Prefetch& pf) {
   constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
   const index_t D = plan.D, per_row = plan.per_row;
   const auto* sc = reinterpret_cast<const std::uint16_t*>(part + l.scales);
@@ -362,6 +383,7 @@ QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, in
       to_slice_order<per>(a[i]);
     }
     for (index_t t = 0; t < B; ++t) {
+      pf.step();
       const __m512 S = _mm512_permutexvar_ps(gi, _mm512_loadu_ps(sf + t * per_row + g0));
       const __m512 M = _mm512_permutexvar_ps(gi, _mm512_loadu_ps(mf + t * per_row + g0));
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + t * row + u * 16)));
@@ -502,7 +524,7 @@ struct ValueFast {
 
   /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
   template <int NQ>
-  QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc) const {
+  QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc, Prefetch& pf) const {
     const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
     const std::size_t pair_dw = static_cast<std::size_t>(per_row);
     for (index_t u = 0; u < D / U; ++u) {
@@ -514,6 +536,7 @@ struct ValueFast {
         for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
       const std::int32_t* w0 = wq.data() + static_cast<std::size_t>(qi) * (B / 2) * pair_dw + g0;
       for (index_t t = 0; t < B; t += 2) {
+        pf.step();
           const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
         const __m512i x = _mm512_or_si512(
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
@@ -648,7 +671,7 @@ struct KeyFold {
 /// logits[(qi + i) * lstride + t]. Exact float path.
 template <int KB, int NQ>
 QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
-                    float* logits, index_t lstride) {
+                    float* logits, index_t lstride, Prefetch& pf) {
   constexpr int cpd = 32 / KB;
   const index_t dwords = D / cpd;
   const __m512i mask = _mm512_set1_epi32((1 << KB) - 1);
@@ -664,6 +687,7 @@ QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, inde
     for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
     transpose16(r);
     for (index_t w = 0; w < nw; ++w) {
+      pf.step();
       const __m512i col = r[w];
       const float* qw = qs + (w0 + w) * cpd;
       for (int e = 0; e < cpd; ++e) {
@@ -681,7 +705,7 @@ QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, inde
 /// As key_tile_exact, with vpdpbusd on the integer query (AttendPrecision::fast).
 template <int KB, int NQ>
 QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
-                   float* logits, index_t lstride) {
+                   float* logits, index_t lstride, Prefetch& pf) {
   constexpr int cpd = 32 / KB, per = 8 / KB;
   const index_t dwords = D / cpd;
   const __m512i bmask = _mm512_set1_epi8(static_cast<char>((1 << KB) - 1));
@@ -694,6 +718,7 @@ QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, 
     for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
     transpose16(r);
     for (index_t w = 0; w < nw; ++w) {
+      pf.step();
       const __m512i col = r[w];
       for (int k = 0; k < per; ++k) {
         const __m512i c = KB == 8 ? col : _mm512_and_si512(_mm512_srli_epi32(col, k * KB), bmask);
@@ -739,8 +764,16 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
   ValueFast<VB> vf(D, plan.G, B, g);
   const bool fast_values = fast && vf.ok;
 #endif
+  const std::size_t bb = L.block_bytes();
+  Prefetch pf;
+  pf.next = st.data + L.block_offset(h, b0);
   for (index_t b = b0; b < b1; ++b) {
     const std::uint8_t* block = st.data + L.block_offset(h, b);
+    // prefetch window: block b + kPrefetchBlocks, up to the item's end; the translation of the
+    // page two blocks ahead fetched by a demand load (its value is not used)
+    pf.stop = block + std::min<index_t>(kPrefetchBlocks + 1, b1 - b) * bb;
+    pf.next = std::max(pf.next, block + std::min<index_t>(kPrefetchBlocks, b1 - b) * bb);
+    if (b + kTouchBlocks < b1) (void)*reinterpret_cast<const volatile std::uint8_t*>(block + kTouchBlocks * bb);
     // keys
     const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
     const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
@@ -752,16 +785,16 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
 #if defined(QPKV_CPU_AVX512VNNI)
         if (fast) {
           for_query_tiles(
-              g, [&](index_t i) { key_tile_fast<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B); },
-              [&](index_t i) { key_tile_fast<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B); },
-              [&](index_t i) { key_tile_fast<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B); });
+              g, [&](index_t i) { key_tile_fast<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_fast<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_fast<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
           continue;
         }
 #endif
         for_query_tiles(
-            g, [&](index_t i) { key_tile_exact<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B); },
-            [&](index_t i) { key_tile_exact<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B); },
-            [&](index_t i) { key_tile_exact<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B); });
+            g, [&](index_t i) { key_tile_exact<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+            [&](index_t i) { key_tile_exact<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+            [&](index_t i) { key_tile_exact<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
       }
     }
     softmax_step(logits.data(), B, B, g, D, p);
@@ -773,16 +806,16 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
                   reinterpret_cast<const std::uint16_t*>(vpart + vl.mins), logits.data(), B, g);
       const std::uint8_t* vc = vpart + vl.codes;
       for_query_tiles(
-          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, i, p.acc); },
-          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, i, p.acc); },
-          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, i, p.acc); });
+          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, i, p.acc, pf); });
       continue;
     }
 #endif
     for_query_tiles(
-        g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
-        [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); },
-        [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data()); });
+        g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
+        [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
+        [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); });
   }
 #if defined(QPKV_CPU_AVX512VNNI)
   if (fast_values) vf.natural_order(p.acc, g);
