@@ -181,6 +181,10 @@ QPKV_INLINE void transpose16(__m512i* r) {
 /// 16 / 8 5.33 ms, 64 / 32 5.23 ms, 128 / 64 5.32 ms (128K tokens: 28.6 -> 21.4-22.1 ms). A
 /// prefetch past the end of the rows is harmless (prefetches do not fault).
 inline constexpr index_t kKeyAhead = 64, kValueAhead = 32;
+/// ... and, once per 4 KiB of key rows, one demand load of the key row kTouchAhead tokens ahead
+/// (value unused): it fetches that page's translation before the prefetches reach it (the KIVI
+/// kernel's Prefetch explains why). 32K tokens: 1 thread 9.16 -> 7.76 ms, 2 threads 5.05 -> 4.69 ms.
+inline constexpr index_t kTouchAhead = 96;
 
 /// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
 /// (bytes). q: g x D pre-scaled queries. Updates the partial.
@@ -189,6 +193,7 @@ inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride,
   constexpr index_t kTile = 32;
   float logits[8 * kTile];
   const index_t gt = std::min<index_t>(g, 8);  // query heads per pass (logits scratch)
+  const index_t touch_every = std::max<index_t>(1, static_cast<index_t>(4096 / kstride));
   for (index_t t0 = 0; t0 < n; t0 += kTile) {
     const index_t nt = std::min(kTile, n - t0);
     for (index_t qi = 0; qi < g; qi += gt) {
@@ -202,6 +207,8 @@ inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride,
             _mm_prefetch(reinterpret_cast<const char*>(kb + (t0 + t + kKeyAhead) * kstride + o), _MM_HINT_T1);
             _mm_prefetch(reinterpret_cast<const char*>(vb + (t0 + t + kValueAhead) * vstride + o), _MM_HINT_T1);
           }
+          if ((t0 + t) % touch_every == 0 && t0 + t + kTouchAhead < n)
+            (void)*reinterpret_cast<const volatile std::uint8_t*>(kb + (t0 + t + kTouchAhead) * kstride);
         }
         index_t i = 0;
         for (; i + 4 <= nq; i += 4) {
