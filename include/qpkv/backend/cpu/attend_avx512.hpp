@@ -586,7 +586,10 @@ struct ValueFast {
 /// Per key group: the query with the group's per-channel scales folded in, in the layout the key
 /// kernel reads, and the constant term sum_c q_c (m_c + centre * s_c), centre = 2^(b-1). The g
 /// queries are folded four at a time with their chains interleaved (one query at a time, the
-/// reductions and divisions made this a latency-bound ~15% of the kernel).
+/// reductions and divisions made this a latency-bound ~15% of the kernel). In the fast path the
+/// query is kept in the byte order of qhi / qlo (permuted once per work item) and each group's
+/// scales and mins are permuted the same way, so the integer query needs no permutation per query
+/// and group, and four vectors of it become bytes with three saturating packs.
 template <int KB>
 struct KeyFold {
   static constexpr int cpd = 32 / KB;                       // channels per dword
@@ -594,40 +597,60 @@ struct KeyFold {
   static constexpr float centre = static_cast<float>(1 << (KB - 1));  // integer, so code - centre is exact
   index_t g = 0, D = 0;
   bool fast = false;
-  std::vector<float> qs;            // exact: [i][c]
+  std::vector<float> qs;            // [i][c]: exact: natural channel order; fast: qhi's byte order
+  std::vector<float> qp;            // fast: the queries in qhi's byte order
+  const float* q_of_qp = nullptr;   // fast: the queries qp was made from
   std::vector<std::int32_t> qhi;    // fast: [i][dword][k] packed 4 x int8 (byte j = channel dword*cpd + j*per + k)
   std::vector<std::int32_t> qlo;
   std::vector<float> step;          // fast: [i] value of one integer unit
   std::vector<float> bias;          // [i]
-  std::vector<float> sf, mf;        // scratch: the group's scales and mins as float
+  std::vector<float> sf, mf;        // scratch: the group's scales and mins as float (fast: permuted)
   __m512i vorder{};                 // lane order of 16 channels in qhi / qlo
+  __m512i vpack{};                  // dword order after packing four vectors to bytes
 
   QPKV_TARGET KeyFold(index_t g_, index_t D_, bool fast_) : g(g_), D(D_), fast(fast_) {
     sf.resize(static_cast<std::size_t>(D));
     mf.resize(static_cast<std::size_t>(D));
     qs.resize(static_cast<std::size_t>(g * D));
+    if (fast) qp.resize(qs.size());
     bias.resize(static_cast<std::size_t>(g) + 4);
     step.resize(static_cast<std::size_t>(g) + 4);
     qhi.resize(static_cast<std::size_t>(g * (D / cpd) * per));
     qlo.resize(qhi.size());
-    alignas(64) std::int32_t order[16];
+    alignas(64) std::int32_t order[16], pk[16];
     for (int o = 0; o < 16; ++o) {
       const int w = o / (4 * per), k = (o / 4) % per, j = o % 4;
       order[o] = w * cpd + j * per + k;
+      // packs_epi16(packs_epi32(v0, v1), packs_epi32(v2, v3)) puts lanes 4L..4L+3 of vector n in
+      // dword 4L + n; output dword o is lanes 4 (o % 4).. of vector o / 4
+      pk[o] = 4 * (o % 4) + o / 4;
     }
     vorder = _mm512_load_si512(order);
+    vpack = _mm512_load_si512(pk);
   }
 
   QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q) {
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
     float* __restrict q_s = qs.data();
+    const bool permute = fast && per > 1;
+    if (permute && q != q_of_qp) {  // once per work item
+      for (index_t e = 0; e < g * D; e += 16)
+        _mm512_storeu_ps(qp.data() + e, _mm512_permutexvar_ps(vorder, _mm512_loadu_ps(q + e)));
+      q_of_qp = q;
+    }
+    const float* qq = permute ? qp.data() : q;
     const __m512 vc = _mm512_set1_ps(fast ? 0.0f : centre);
     for (index_t c = 0; c < D; c += 16) {
-      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + c)));
-      _mm512_storeu_ps(s_f + c, s);
+      __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + c)));
       // m + centre * s: the code is stored uncentred in the fast path, centred (exactly) in the exact one
-      _mm512_storeu_ps(m_f + c, _mm512_fmadd_ps(vc, s, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + c)))));
+      __m512 m = _mm512_fmadd_ps(vc, s, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + c))));
+      if (permute) {
+        s = _mm512_permutexvar_ps(vorder, s);
+        m = _mm512_permutexvar_ps(vorder, m);
+      }
+      _mm512_storeu_ps(s_f + c, s);
+      _mm512_storeu_ps(m_f + c, m);
     }
     for (index_t i0 = 0; i0 < g; i0 += 4) {
       const index_t n = std::min<index_t>(4, g - i0);
@@ -636,7 +659,7 @@ struct KeyFold {
       for (index_t c = 0; c < D; c += 16) {
         const __m512 s = _mm512_loadu_ps(s_f + c), m = _mm512_loadu_ps(m_f + c);
         for (index_t i = 0; i < n; ++i) {
-          const __m512 qv = _mm512_loadu_ps(q + (i0 + i) * D + c);
+          const __m512 qv = _mm512_loadu_ps(qq + (i0 + i) * D + c);
           const __m512 x = _mm512_mul_ps(qv, s);
           _mm512_storeu_ps(q_s + (i0 + i) * D + c, x);
           mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
@@ -645,10 +668,8 @@ struct KeyFold {
       }
       _mm_storeu_ps(bias.data() + i0, hsum4(b[0], b[1], b[2], b[3]));
       if (!fast) continue;
-      // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi in [-127, 127],
-      // lo in [-128, 127]. X = Q + 128 gives hi = X >> 8 and lo = (X & 255) ^ 0x80. Each 16
-      // channels fill 4 dwords of qhi / qlo in the order the key kernel reads: dword (w, k), byte
-      // j = channel w * cpd + j * per + k (one vpermd puts the lanes in that order).
+      // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi = (Q + 128) >> 8
+      // in [-127, 127], lo = Q - 256 hi in [-128, 127]; qs is already in qhi / qlo's byte order
       const __m128 m4 = hmax4(mx[0], mx[1], mx[2], mx[3]);
       const __m128 pos = _mm_cmpgt_ps(m4, _mm_setzero_ps());
       const __m128 st = _mm_blendv_ps(_mm_set1_ps(1.0f), _mm_mul_ps(m4, _mm_set1_ps(1.0f / 32639.0f)), pos);
@@ -657,17 +678,30 @@ struct KeyFold {
       alignas(16) float inv4[4];
       _mm_store_ps(inv4, iv);
       const index_t dwords = D / cpd;
-      const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+      const __m512i k128 = _mm512_set1_epi32(128);
       for (index_t i = 0; i < n; ++i) {
         const __m512 inv = _mm512_set1_ps(inv4[i]);
-        auto* dh = reinterpret_cast<__m128i*>(qhi.data() + (i0 + i) * dwords * per);
-        auto* dl = reinterpret_cast<__m128i*>(qlo.data() + (i0 + i) * dwords * per);
+        auto* dh = reinterpret_cast<std::uint8_t*>(qhi.data() + (i0 + i) * dwords * per);
+        auto* dl = reinterpret_cast<std::uint8_t*>(qlo.data() + (i0 + i) * dwords * per);
         const float* xs = q_s + (i0 + i) * D;
-        for (index_t c = 0; c < D; c += 16) {
-          __m512i X = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c), inv)), _mm512_set1_epi32(128));
-          if constexpr (per > 1) X = _mm512_permutexvar_epi32(vorder, X);
-          _mm_storeu_si128(dh + c / 16, _mm512_cvtepi32_epi8(_mm512_srai_epi32(X, 8)));
-          _mm_storeu_si128(dl + c / 16, _mm_xor_si128(_mm512_cvtepi32_epi8(X), flip));
+        index_t c = 0;
+        for (; c + 64 <= D; c += 64) {
+          __m512i H[4], Lo[4];
+          for (int v = 0; v < 4; ++v) {
+            const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c + 16 * v), inv));
+            H[v] = _mm512_srai_epi32(_mm512_add_epi32(Q, k128), 8);
+            Lo[v] = _mm512_sub_epi32(Q, _mm512_slli_epi32(H[v], 8));
+          }
+          const __m512i hb = _mm512_packs_epi16(_mm512_packs_epi32(H[0], H[1]), _mm512_packs_epi32(H[2], H[3]));
+          const __m512i lb = _mm512_packs_epi16(_mm512_packs_epi32(Lo[0], Lo[1]), _mm512_packs_epi32(Lo[2], Lo[3]));
+          _mm512_storeu_si512(dh + c, _mm512_permutexvar_epi32(vpack, hb));
+          _mm512_storeu_si512(dl + c, _mm512_permutexvar_epi32(vpack, lb));
+        }
+        for (; c < D; c += 16) {
+          const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c), inv));
+          const __m512i H = _mm512_srai_epi32(_mm512_add_epi32(Q, k128), 8);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dh + c), _mm512_cvtepi32_epi8(H));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dl + c), _mm512_cvtepi32_epi8(_mm512_sub_epi32(Q, _mm512_slli_epi32(H, 8))));
         }
       }
     }
