@@ -84,6 +84,29 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
   }
 }
 
+TEST_CASE("attend when every logit is far below zero and the token count is not a multiple of 16") {
+  // all logits about -141: a softmax max taken over lanes past the last token (read as 0) would
+  // make every weight underflow to 0
+  for (const index_t N : {5, 21, 37}) {
+    CAPTURE(N);
+    const Shape s{1, 4, 128};
+    std::vector<float> k(static_cast<std::size_t>(N * 128), 0.0f), v(k.size());
+    for (index_t t = 0; t < N; ++t) {
+      k[static_cast<std::size_t>(t * 128)] = 40.0f + static_cast<float>(t % 3);
+      for (index_t c = 0; c < 128; ++c) v[static_cast<std::size_t>(t * 128 + c)] = static_cast<float>((t * 7 + c) % 11) - 5.0f;
+    }
+    std::vector<float> q(4 * 128, 0.0f);
+    for (index_t i = 0; i < 4; ++i) q[static_cast<std::size_t>(i * 128)] = -40.0f - static_cast<float>(i);
+    CompressedKV<KeepAll, Fp16> cache(s);
+    cache.compress(view(k.data(), 1, N, 128), view(v.data(), 1, N, 128), N);
+    std::vector<float> out(q.size()), ref(q.size());
+    cache.attend(q.data(), out.data());
+    const DenseKV d = cache.dequantize();
+    dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), cache.softmax_scale());
+    CHECK(relative_l2(out, ref) <= 1e-5);
+  }
+}
+
 TEST_CASE("the portable kernels' exp, sums and dot products") {
   using cpu::detail::exp_neg;
   // within 2 ulp of std::exp on [-87, 0], exactly 0 below -87.3, NaN stays NaN, no UB on NaN/inf

@@ -100,11 +100,13 @@ QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) 
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
 /// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.
+/// Lanes past n keep the running max (read as 0 they made the max 0 when every logit was below
+/// about -87, so every weight underflowed and attend() reported non-finite logits).
 inline QPKV_TARGET void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, const Partial& p) {
   for (index_t i = 0; i < g; ++i) {
     float* x = logits + i * stride;
     __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (index_t t = 0; t < n; t += 16) vm = _mm512_max_ps(vm, _mm512_maskz_loadu_ps(tail_mask(n - t), x + t));
+    for (index_t t = 0; t < n; t += 16) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(vm, tail_mask(n - t), x + t));
     const float bm = std::max(_mm512_reduce_max_ps(vm), -std::numeric_limits<float>::max());
     const float mold = p.m[i], mnew = std::max(mold, bm);
     if (mnew > mold) {
