@@ -366,20 +366,30 @@ inline QPKV_TARGET void to_natural_order(__m512* v) {
   }
 }
 
-/// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once.
-template <int VB, int NQ>
-QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
-                 const float* p, index_t pstride, float* acc, float* sf, float* mf, Prefetch& pf) {
-  constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
-  const index_t D = plan.D, per_row = plan.per_row;
+/// The np fp16 scales and mins of a per-token value part as float (sf, mf): once per block, for
+/// every query and both value kernels.
+inline QPKV_TARGET void value_params(const std::uint8_t* part, const AffineLayout& l, index_t np, float* sf, float* mf) {
   const auto* sc = reinterpret_cast<const std::uint16_t*>(part + l.scales);
   const auto* mn = reinterpret_cast<const std::uint16_t*>(part + l.mins);
-  const index_t np = B * per_row;
-  for (index_t e = 0; e < np; e += 16) {
+  index_t e = 0;
+  for (; e + 16 <= np; e += 16) {
+    _mm512_storeu_ps(sf + e, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + e))));
+    _mm512_storeu_ps(mf + e, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + e))));
+  }
+  if (e < np) {
     const __mmask16 mk = tail_mask(np - e);
     _mm512_mask_storeu_ps(sf + e, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sc + e)));
     _mm512_mask_storeu_ps(mf + e, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mn + e)));
   }
+}
+
+/// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once;
+/// sf, mf: the part's scales and mins from value_params().
+template <int VB, int NQ>
+QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
+                 const float* p, index_t pstride, float* acc, const float* sf, const float* mf, Prefetch& pf) {
+  constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
+  const index_t D = plan.D, per_row = plan.per_row;
   const std::uint8_t* codes = part + l.codes;
   const std::size_t row = l.row_bytes;
   const __m512i mask = _mm512_set1_epi32((1 << VB) - 1);
@@ -434,7 +444,6 @@ struct ValueFast {
   std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
   std::vector<float> tmp;              // scratch: one row of D for natural_order()
-  std::vector<float> sfv, mfv;         // scratch: the block's B * per_row value scales and mins as float
   __m512i vtok{}, vwords2{};           // weights(): lane -> token of a 16-scale vector; word order of two
   __m256i vwords{};                    //   vectors after packs, and of one vector
 
@@ -459,8 +468,6 @@ struct ValueFast {
       uniform[u] = same;
     }
     wf.resize(static_cast<std::size_t>(B * per_row));
-    sfv.resize(wf.size());
-    mfv.resize(wf.size());
     alignas(64) std::int32_t tok[16], words[16];
     alignas(64) std::int16_t words2[32];
     for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
@@ -483,15 +490,10 @@ struct ValueFast {
     tmp.resize(static_cast<std::size_t>(D));
   }
 
-  /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block.
-  QPKV_TARGET void weights(const std::uint16_t* sc, const std::uint16_t* mn, const float* p, index_t pstride, index_t nq) {
+  /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block; S, M:
+  /// the block's scales and mins from value_params().
+  QPKV_TARGET void weights(const float* S, const float* M, const float* p, index_t pstride, index_t nq) {
     const index_t nv = B * per_row / 16;
-    float* __restrict S = sfv.data();
-    float* __restrict M = mfv.data();
-    for (index_t v = 0; v < nv; ++v) {  // the block's scales and mins, converted once for all queries
-      _mm512_storeu_ps(S + v * 16, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * 16))));
-      _mm512_storeu_ps(M + v * 16, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + v * 16))));
-    }
     const __mmask16 tm = tail_mask(tpz);
     for (index_t i = 0; i < nq; ++i) {
       __m512 mx = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
@@ -546,7 +548,7 @@ struct ValueFast {
       const std::int32_t* w0 = wq.data() + static_cast<std::size_t>(qi) * (B / 2) * pair_dw + g0;
       for (index_t t = 0; t < B; t += 2) {
         pf.step();
-          const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
+        const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
         const __m512i x = _mm512_or_si512(
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
             _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
@@ -601,7 +603,7 @@ struct KeyFold {
   bool fast = false;
   std::vector<float> qs;            // [i][c]: exact: natural channel order; fast: qhi's byte order
   std::vector<float> qp;            // fast: the queries in qhi's byte order
-  const float* q_of_qp = nullptr;   // fast: the queries qp was made from
+  const float* q = nullptr;         // the g x D pre-scaled queries
   std::vector<std::int32_t> qhi;    // fast: [i][dword][k] packed 4 x int8 (byte j = channel dword*cpd + j*per + k)
   std::vector<std::int32_t> qlo;
   std::vector<float> step;          // fast: [i] value of one integer unit
@@ -610,11 +612,11 @@ struct KeyFold {
   __m512i vorder{};                 // lane order of 16 channels in qhi / qlo
   __m512i vpack{};                  // dword order after packing four vectors to bytes
 
-  QPKV_TARGET KeyFold(index_t g_, index_t D_, bool fast_) : g(g_), D(D_), fast(fast_) {
+  /// q: the g x D pre-scaled queries of the work item.
+  QPKV_TARGET KeyFold(index_t g_, index_t D_, bool fast_, const float* q_) : g(g_), D(D_), fast(fast_), q(q_) {
     sf.resize(static_cast<std::size_t>(D));
     mf.resize(static_cast<std::size_t>(D));
     qs.resize(static_cast<std::size_t>(g * D));
-    if (fast) qp.resize(qs.size());
     bias.resize(static_cast<std::size_t>(g) + 4);
     step.resize(static_cast<std::size_t>(g) + 4);
     qhi.resize(static_cast<std::size_t>(g * (D / cpd) * per));
@@ -629,18 +631,18 @@ struct KeyFold {
     }
     vorder = _mm512_load_si512(order);
     vpack = _mm512_load_si512(pk);
+    if (fast && per > 1) {  // the queries in qhi's byte order, once per work item
+      qp.resize(qs.size());
+      for (index_t e = 0; e < g * D; e += 16)
+        _mm512_storeu_ps(qp.data() + e, _mm512_permutexvar_ps(vorder, _mm512_loadu_ps(q + e)));
+    }
   }
 
-  QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn, const float* q) {
+  QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn) {
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
     float* __restrict q_s = qs.data();
     const bool permute = fast && per > 1;
-    if (permute && q != q_of_qp) {  // once per work item
-      for (index_t e = 0; e < g * D; e += 16)
-        _mm512_storeu_ps(qp.data() + e, _mm512_permutexvar_ps(vorder, _mm512_loadu_ps(q + e)));
-      q_of_qp = q;
-    }
     const float* qq = permute ? qp.data() : q;
     const __m512 vc = _mm512_set1_ps(fast ? 0.0f : centre);
     for (index_t c = 0; c < D; c += 16) {
@@ -801,9 +803,9 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 16)), mf(sf.size());
 #if !defined(QPKV_CPU_AVX512VNNI)
   fast = false;
-  KeyFold<KB> fold(g, D, fast);
-#else
-  KeyFold<KB> fold(g, D, fast);
+#endif
+  KeyFold<KB> fold(g, D, fast, q);
+#if defined(QPKV_CPU_AVX512VNNI)
   ValueFast<VB> vf(D, plan.G, B, g);
   const bool fast_values = fast && vf.ok;
 #endif
@@ -821,7 +823,7 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
     const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
     const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
     for (index_t gt = 0; gt < B / key_group; ++gt) {
-      fold.fold(sc + gt * D, mn + gt * D, q);
+      fold.fold(sc + gt * D, mn + gt * D);
       for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 16) {
         const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
         float* lg = logits.data() + t0;
@@ -843,10 +845,10 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
     softmax_step(logits.data(), B, B, g, D, p);
     // values
     const std::uint8_t* vpart = block + L.key_part;
+    value_params(vpart, vl, B * plan.per_row, sf.data(), mf.data());
 #if defined(QPKV_CPU_AVX512VNNI)
     if (fast_values) {
-      vf.weights(reinterpret_cast<const std::uint16_t*>(vpart + vl.scales),
-                  reinterpret_cast<const std::uint16_t*>(vpart + vl.mins), logits.data(), B, g);
+      vf.weights(sf.data(), mf.data(), logits.data(), B, g);
       const std::uint8_t* vc = vpart + vl.codes;
       for_query_tiles(
           g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, i, p.acc, pf); },
