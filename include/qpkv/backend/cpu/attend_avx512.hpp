@@ -87,11 +87,12 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
 struct Prefetch {
   const std::uint8_t* next = nullptr;
   const std::uint8_t* stop = nullptr;
+  /// Branch-free (at the window's end it prefetches the last line again): a branch here split
+  /// the kernels' token loops into several blocks and GCC 12 then copied the vpdpwssd
+  /// accumulators in and out of spare registers around every dot product.
   QPKV_INLINE void step() {
-    if (next < stop) {
-      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
-      next += 64;
-    }
+    _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+    next += next + 64 < stop ? 64 : 0;
   }
 };
 inline constexpr index_t kPrefetchBlocks = 1, kTouchBlocks = 2;
@@ -295,6 +296,30 @@ QPKV_TARGET bool kivi_supported(index_t B, index_t D, index_t key_group, index_t
   const bool value_ok = (D * VB) % 128 == 0 && value_group % vper == 0;
   return key_ok && value_ok;
 }
+
+#if defined(QPKV_CPU_AVX512VNNI)
+/// acc + the vpdpwssd / vpdpbusd products, written as one instruction that updates acc in place.
+/// With the intrinsics GCC 12 kept each accumulator of a token loop in one register and copied
+/// it into another and back around every dot product (two vmovdqa per vpdpwssd; 2K tokens,
+/// cache-resident, 1 thread: 0.390 -> 0.368 ms with this and the two changes above it). Other compilers get the intrinsics.
+QPKV_INLINE __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpwssd_epi32(acc, a, b);
+#endif
+}
+/// a: unsigned bytes, b: signed bytes.
+QPKV_INLINE __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
+#endif
 
 /// Per-call constants of the value kernel: for each 16-byte slice u of a code row, the lane ->
 /// group index (relative to the slice's first group) and the natural <-> slice-order permutations.
@@ -536,41 +561,58 @@ struct ValueFast {
   /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
   template <int NQ>
   QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc, Prefetch& pf) const {
+    for (index_t u = 0; u < D / U; ++u) {
+      if (uniform[u] != 0) slab<NQ, true>(codes, row, qi, u, acc, pf);
+      else slab<NQ, false>(codes, row, qi, u, acc, pf);
+    }
+  }
+
+  /// accumulate() for slab u; Uni: all its lanes in one group (one broadcast weight per query).
+  /// Uni is a template parameter so that the token loop is one basic block: with the choice made
+  /// inside the loop GCC 12 copied every accumulator in and out of a spare register around each
+  /// vpdpwssd (two moves per dot product).
+  template <int NQ, bool Uni>
+  QPKV_TARGET_VNNI void slab(const std::uint8_t* codes, std::size_t row, index_t qi, index_t u, float* acc, Prefetch& pf) const {
     const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
     const std::size_t pair_dw = static_cast<std::size_t>(per_row);
-    for (index_t u = 0; u < D / U; ++u) {
-      const index_t g0 = slab_g0[u];
-      const bool uni = uniform[u] != 0;
-      const __m512i lg = _mm512_loadu_si512(lane_grp.data() + u * 16);
-      __m512i a[NQ][per];
-      for (int i = 0; i < NQ; ++i)
-        for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
-      const std::int32_t* w0 = wq.data() + static_cast<std::size_t>(qi) * (B / 2) * pair_dw + g0;
-      for (index_t t = 0; t < B; t += 2) {
-        pf.step();
-        const std::uint8_t* r0 = codes + static_cast<std::size_t>(t) * row + u * 16;
-        const __m512i x = _mm512_or_si512(
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
-            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
-        __m512i c[per];
-        for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
-        const std::int32_t* wt = w0 + static_cast<std::size_t>(t / 2) * pair_dw;
-        for (int i = 0; i < NQ; ++i) {
-          const std::int32_t* wi = wt + static_cast<std::size_t>(i) * (B / 2) * pair_dw;
-          const __m512i w = uni ? _mm512_set1_epi32(*wi) : _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
-          for (int k = 0; k < per; ++k) a[i][k] = _mm512_dpwssd_epi32(a[i][k], c[k], w);
-        }
-      }
+    const std::size_t qstride = static_cast<std::size_t>(B / 2) * pair_dw;
+    const index_t g0 = slab_g0[u];
+    const __m512i lg = _mm512_loadu_si512(lane_grp.data() + u * 16);
+    __m512i a[NQ][per];
+    for (int i = 0; i < NQ; ++i)
+      for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
+    const std::int32_t* wt = wq.data() + static_cast<std::size_t>(qi) * qstride + g0;
+    const std::uint8_t* r0 = codes + u * 16;
+    for (index_t t = 0; t < B; t += 2, r0 += 2 * row, wt += pair_dw) {
+      pf.step();
+      const __m512i x = _mm512_or_si512(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
+          _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
+      __m512i c[per];
+      for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
       for (int i = 0; i < NQ; ++i) {
-        const float* st = step.data() + (qi + i) * per_row + g0;
-        const float* mt = mterm.data() + (qi + i) * per_row + g0;
-        const __m512 sv = uni ? _mm512_set1_ps(*st) : _mm512_permutexvar_ps(lg, _mm512_loadu_ps(st));
-        const __m512 mv = uni ? _mm512_set1_ps(*mt) : _mm512_permutexvar_ps(lg, _mm512_loadu_ps(mt));
-        float* o = acc + (qi + i) * D + u * U;
-        for (int k = 0; k < per; ++k)
-          _mm512_storeu_ps(o + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][k]), sv,
-                                                       _mm512_add_ps(_mm512_loadu_ps(o + 16 * k), mv)));
+        const std::int32_t* wi = wt + static_cast<std::size_t>(i) * qstride;
+        __m512i w;
+        if constexpr (Uni) w = _mm512_set1_epi32(*wi);
+        else w = _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
+        for (int k = 0; k < per; ++k) a[i][k] = dpwssd(a[i][k], c[k], w);
       }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      const float* st = step.data() + (qi + i) * per_row + g0;
+      const float* mt = mterm.data() + (qi + i) * per_row + g0;
+      __m512 sv, mv;
+      if constexpr (Uni) {
+        sv = _mm512_set1_ps(*st);
+        mv = _mm512_set1_ps(*mt);
+      } else {
+        sv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(st));
+        mv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(mt));
+      }
+      float* o = acc + (qi + i) * D + u * U;
+      for (int k = 0; k < per; ++k)
+        _mm512_storeu_ps(o + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][k]), sv,
+                                                     _mm512_add_ps(_mm512_loadu_ps(o + 16 * k), mv)));
     }
   }
 
