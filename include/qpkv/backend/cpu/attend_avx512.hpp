@@ -95,7 +95,11 @@ struct Prefetch {
     next += next + 64 < stop ? 64 : 0;
   }
 };
-inline constexpr index_t kPrefetchBlocks = 1, kTouchBlocks = 2;
+/// Tokens per pass of kivi_item() (whole blocks, at least one): the keys of a pass's blocks, one
+/// softmax step over all their logits, then their values (the fast path's value weights rounded
+/// and its integer sums flushed once per pass). A divisor of attend.hpp's kChunkTokens, so
+/// passes never depend on how items are cut.
+inline constexpr index_t kPassTokens = 128;
 
 QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 
@@ -447,34 +451,39 @@ QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, in
 }
 
 #if defined(QPKV_CPU_AVX512VNNI)
-/// The VNNI value kernel of AttendPrecision::fast (KIVI per-token values). Per block and query,
-/// the token's group scale is folded into its softmax weight, w_tg = p_t s_tg, and the weights of
+/// The VNNI value kernel of AttendPrecision::fast (KIVI per-token values). Per pass (kivi_item:
+/// kPassTokens tokens, whole blocks) and query, the token's group scale is folded into its
+/// softmax weight, w_tg = p_t s_tg, and the weights of
 /// each group are rounded to 15-bit integers W = round(w / step), step = max_t w_tg / 32767; the
 /// min term sum_t p_t m_tg is a per-group constant. Two tokens' codes share a dword (16-bit words,
 /// token t low), so one vpdpwssd adds W_t code_t + W_t+1 code_t+1 for 16 channels. Channels are
 /// processed in slabs of 16 packed bytes (16 * 8/VB channels): code vector k of a slab holds
 /// channel 8/VB * lane + k, and the float accumulators stay in that slab order for the whole work
 /// item (natural_order() restores channel order at the end). The int32 sums are flushed to float
-/// per block: out += step * sum + mterm.
+/// per pass: out += step * sum + mterm.
 template <int VB>
 struct ValueFast {
   static constexpr int per = 8 / VB;  // codes per byte = code vectors per slab
   static constexpr int U = 16 * per;  // channels per slab
-  index_t D = 0, G = 0, per_row = 0, B = 0, tpz = 0;  // tpz: tokens per 16 scales
+  index_t D = 0, G = 0, per_row = 0, B = 0, N = 0, tpz = 0;  // B: block tokens, N: most tokens per pass,
+                                                              // tpz: tokens per 16 scales
   bool ok = false;
   std::vector<std::int32_t> lane_grp;  // [slab][16]: group of lane p, relative to slab_g0
   std::vector<index_t> slab_g0;
   std::vector<char> uniform;           // [slab]: all 16 lanes in group slab_g0
-  std::vector<float> wf;               // scratch: B * per_row folded weights of one query
-  std::vector<std::int32_t> wq;        // [i][B / 2][per_row] + 16: pair dwords of 15-bit weights
+  std::vector<float> wf;               // scratch: N * per_row folded weights of one query
+  std::vector<std::int32_t> wq;        // [i][N / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
   std::vector<float> tmp;              // scratch: one row of D for natural_order()
   __m512i vtok{}, vwords2{};           // weights(): lane -> token of a 16-scale vector; word order of two
   __m256i vwords{};                    //   vectors after packs, and of one vector
 
-  QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t nq) : D(d), G(g), per_row((d + g - 1) / g), B(b) {
-    // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, B / 2 pairs: stay inside int32
-    const double worst = static_cast<double>(b) * 32767.0 * ((1 << VB) - 1);
+  /// d: head_dim, g: value group (channels), b: block tokens, n: most tokens per pass (a multiple
+  /// of b), nq: queries.
+  QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t n, index_t nq)
+      : D(d), G(g), per_row((d + g - 1) / g), B(b), N(n) {
+    // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, N / 2 pairs: stay inside int32
+    const double worst = static_cast<double>(n) * 32767.0 * ((1 << VB) - 1);
     ok = D % U == 0 && D % G == 0 && G % per == 0 && per_row <= 8 && 16 % per_row == 0 && B % 2 == 0 &&
          (B * per_row) % 16 == 0 && worst < 2147483647.0;
     if (!ok) return;
@@ -492,7 +501,7 @@ struct ValueFast {
       }
       uniform[u] = same;
     }
-    wf.resize(static_cast<std::size_t>(B * per_row));
+    wf.resize(static_cast<std::size_t>(N * per_row));
     alignas(64) std::int32_t tok[16], words[16];
     alignas(64) std::int16_t words2[32];
     for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
@@ -509,16 +518,16 @@ struct ValueFast {
     vtok = _mm512_load_si512(tok);
     vwords = _mm512_cvtepi32_epi16(_mm512_load_si512(words));
     vwords2 = _mm512_load_si512(words2);
-    wq.resize(static_cast<std::size_t>(nq * (B / 2) * per_row + 16));
+    wq.resize(static_cast<std::size_t>(nq * (N / 2) * per_row + 16));
     step.resize(static_cast<std::size_t>(nq * per_row + 16));
     mterm.resize(step.size());
     tmp.resize(static_cast<std::size_t>(D));
   }
 
-  /// Folds, rounds and pairs the weights of NQ queries (p[i * pstride + t]) for one block; S, M:
-  /// the block's scales and mins from value_params().
-  QPKV_TARGET void weights(const float* S, const float* M, const float* p, index_t pstride, index_t nq) {
-    const index_t nv = B * per_row / 16;
+  /// Folds, rounds and pairs the weights of nq queries (p[i * pstride + t]) for the n tokens of a
+  /// pass (whole blocks); S, M: their scales and mins from value_params().
+  QPKV_NOINLINE QPKV_TARGET void weights(const float* S, const float* M, const float* p, index_t pstride, index_t nq, index_t n) {
+    const index_t nv = n * per_row / 16;
     const __mmask16 tm = tail_mask(tpz);
     for (index_t i = 0; i < nq; ++i) {
       __m512 mx = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
@@ -544,7 +553,7 @@ struct ValueFast {
       // W * inv <= 32767 up to float rounding; packs saturates to int16 in any case.
       const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ),
                                              _mm512_set1_ps(32767.0f), mx);
-      std::int32_t* out = wq.data() + i * (B / 2) * per_row;
+      std::int32_t* out = wq.data() + i * (N / 2) * per_row;
       index_t v = 0;
       for (; v + 2 <= nv; v += 2) {  // two vectors: one saturating pack, one word permutation
         const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv));
@@ -558,12 +567,14 @@ struct ValueFast {
     }
   }
 
-  /// acc[i] (slab order) += the block's p.v for NQ queries; weights() was called for this block.
+  /// acc[i] (slab order) += the pass's p.v for NQ queries; weights() was called for this pass.
+  /// codes: the first block's value codes, the next block's bstride bytes further; n tokens.
   template <int NQ>
-  QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, index_t qi, float* acc, Prefetch& pf) const {
+  QPKV_TARGET_VNNI void accumulate(const std::uint8_t* codes, std::size_t row, std::size_t bstride, index_t n, index_t qi,
+                                   float* acc, Prefetch& pf) const {
     for (index_t u = 0; u < D / U; ++u) {
-      if (uniform[u] != 0) slab<NQ, true>(codes, row, qi, u, acc, pf);
-      else slab<NQ, false>(codes, row, qi, u, acc, pf);
+      if (uniform[u] != 0) slab<NQ, true>(codes, row, bstride, n, qi, u, acc, pf);
+      else slab<NQ, false>(codes, row, bstride, n, qi, u, acc, pf);
     }
   }
 
@@ -572,30 +583,34 @@ struct ValueFast {
   /// inside the loop GCC 12 copied every accumulator in and out of a spare register around each
   /// vpdpwssd (two moves per dot product).
   template <int NQ, bool Uni>
-  QPKV_TARGET_VNNI void slab(const std::uint8_t* codes, std::size_t row, index_t qi, index_t u, float* acc, Prefetch& pf) const {
+  QPKV_NOINLINE QPKV_TARGET_VNNI void slab(const std::uint8_t* codes, std::size_t row, std::size_t bstride, index_t n,
+                                           index_t qi, index_t u, float* acc, Prefetch& pfr) const {
+    Prefetch pf = pfr;  // in registers for the loop
     const __m512i mask = _mm512_set1_epi32(((1 << VB) - 1) | (((1 << VB) - 1) << 16));
     const std::size_t pair_dw = static_cast<std::size_t>(per_row);
-    const std::size_t qstride = static_cast<std::size_t>(B / 2) * pair_dw;
+    const std::size_t qstride = static_cast<std::size_t>(N / 2) * pair_dw;
     const index_t g0 = slab_g0[u];
     const __m512i lg = _mm512_loadu_si512(lane_grp.data() + u * 16);
     __m512i a[NQ][per];
     for (int i = 0; i < NQ; ++i)
       for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
     const std::int32_t* wt = wq.data() + static_cast<std::size_t>(qi) * qstride + g0;
-    const std::uint8_t* r0 = codes + u * 16;
-    for (index_t t = 0; t < B; t += 2, r0 += 2 * row, wt += pair_dw) {
-      pf.step();
-      const __m512i x = _mm512_or_si512(
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
-          _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
-      __m512i c[per];
-      for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
-      for (int i = 0; i < NQ; ++i) {
-        const std::int32_t* wi = wt + static_cast<std::size_t>(i) * qstride;
-        __m512i w;
-        if constexpr (Uni) w = _mm512_set1_epi32(*wi);
-        else w = _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
-        for (int k = 0; k < per; ++k) a[i][k] = dpwssd(a[i][k], c[k], w);
+    for (index_t b0 = 0; b0 < n; b0 += B, codes += bstride) {
+      const std::uint8_t* r0 = codes + u * 16;
+      for (index_t t = 0; t < B; t += 2, r0 += 2 * row, wt += pair_dw) {
+        pf.step();
+        const __m512i x = _mm512_or_si512(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
+            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
+        __m512i c[per];
+        for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
+        for (int i = 0; i < NQ; ++i) {
+          const std::int32_t* wi = wt + static_cast<std::size_t>(i) * qstride;
+          __m512i w;
+          if constexpr (Uni) w = _mm512_set1_epi32(*wi);
+          else w = _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
+          for (int k = 0; k < per; ++k) a[i][k] = dpwssd(a[i][k], c[k], w);
+        }
       }
     }
     for (int i = 0; i < NQ; ++i) {
@@ -614,6 +629,7 @@ struct ValueFast {
         _mm512_storeu_ps(o + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][k]), sv,
                                                      _mm512_add_ps(_mm512_loadu_ps(o + 16 * k), mv)));
     }
+    pfr = pf;
   }
 
   /// Slab order -> natural channel order, in place, for g rows of D.
@@ -708,7 +724,7 @@ struct KeyFold {
           const __m512 qv = _mm512_loadu_ps(qq + (i0 + i) * D + c);
           const __m512 x = _mm512_mul_ps(qv, s);
           _mm512_storeu_ps(q_s + (i0 + i) * D + c, x);
-          mx[i] = _mm512_max_ps(mx[i], _mm512_abs_ps(x));
+          mx[i] = _mm512_range_ps(mx[i], x, 0x0B);  // max(|mx|, |x|) with the sign cleared
           b[i] = _mm512_fmadd_ps(qv, m, b[i]);
         }
       }
@@ -724,7 +740,7 @@ struct KeyFold {
       alignas(16) float inv4[4];
       _mm_store_ps(inv4, iv);
       const index_t dwords = D / cpd;
-      const __m512i k128 = _mm512_set1_epi32(128);
+      const __m512i k128 = _mm512_set1_epi32(128), k128w = _mm512_set1_epi16(128);
       for (index_t i = 0; i < n; ++i) {
         const __m512 inv = _mm512_set1_ps(inv4[i]);
         auto* dh = reinterpret_cast<std::uint8_t*>(qhi.data() + (i0 + i) * dwords * per);
@@ -732,14 +748,16 @@ struct KeyFold {
         const float* xs = q_s + (i0 + i) * D;
         index_t c = 0;
         for (; c + 64 <= D; c += 64) {
-          __m512i H[4], Lo[4];
-          for (int v = 0; v < 4; ++v) {
-            const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c + 16 * v), inv));
-            H[v] = _mm512_srai_epi32(_mm512_add_epi32(Q, k128), 8);
-            Lo[v] = _mm512_sub_epi32(Q, _mm512_slli_epi32(H[v], 8));
+          // |Q| <= 32639 fits int16: split after the first pack, on half as many vectors
+          __m512i Q[4], H[2], Lo[2];
+          for (int v = 0; v < 4; ++v) Q[v] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + c + 16 * v), inv));
+          for (int v = 0; v < 2; ++v) {
+            const __m512i W = _mm512_packs_epi32(Q[2 * v], Q[2 * v + 1]);
+            H[v] = _mm512_srai_epi16(_mm512_add_epi16(W, k128w), 8);
+            Lo[v] = _mm512_sub_epi16(W, _mm512_slli_epi16(H[v], 8));
           }
-          const __m512i hb = _mm512_packs_epi16(_mm512_packs_epi32(H[0], H[1]), _mm512_packs_epi32(H[2], H[3]));
-          const __m512i lb = _mm512_packs_epi16(_mm512_packs_epi32(Lo[0], Lo[1]), _mm512_packs_epi32(Lo[2], Lo[3]));
+          const __m512i hb = _mm512_packs_epi16(H[0], H[1]);
+          const __m512i lb = _mm512_packs_epi16(Lo[0], Lo[1]);
           _mm512_storeu_si512(dh + c, _mm512_permutexvar_epi32(vpack, hb));
           _mm512_storeu_si512(dl + c, _mm512_permutexvar_epi32(vpack, lb));
         }
@@ -841,68 +859,82 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
                const Partial& p, bool fast) {
   const CacheLayout& L = st.layout;
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
-  std::vector<float> logits(static_cast<std::size_t>(g * B));
-  std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 16)), mf(sf.size());
+  const index_t C = std::max<index_t>(1, kPassTokens / B);  // blocks per pass
+  const index_t NB = C * B;                                 // logits row stride
+  std::vector<float> logits(static_cast<std::size_t>(g * NB));
+  std::vector<float> sf(static_cast<std::size_t>(NB * plan.per_row + 16)), mf(sf.size());
 #if !defined(QPKV_CPU_AVX512VNNI)
   fast = false;
 #endif
   KeyFold<KB> fold(g, D, fast, q);
 #if defined(QPKV_CPU_AVX512VNNI)
-  ValueFast<VB> vf(D, plan.G, B, g);
+  ValueFast<VB> vf(D, plan.G, B, NB, g);
   const bool fast_values = fast && vf.ok;
 #endif
   const std::size_t bb = L.block_bytes();
   Prefetch pf;
   pf.next = st.data + L.block_offset(h, b0);
-  for (index_t b = b0; b < b1; ++b) {
-    const std::uint8_t* block = st.data + L.block_offset(h, b);
-    // prefetch window: block b + kPrefetchBlocks, up to the item's end; the translation of the
-    // page two blocks ahead fetched by a demand load (its value is not used)
-    pf.stop = block + std::min<index_t>(kPrefetchBlocks + 1, b1 - b) * bb;
-    pf.next = std::max(pf.next, block + std::min<index_t>(kPrefetchBlocks, b1 - b) * bb);
-    if (b + kTouchBlocks < b1) (void)*reinterpret_cast<const volatile std::uint8_t*>(block + kTouchBlocks * bb);
+  for (index_t pb = b0; pb < b1; pb += C) {
+    const index_t nb = std::min(C, b1 - pb), n = nb * B;
+    const std::uint8_t* first = st.data + L.block_offset(h, pb);
+    // prefetch window: the next pass, up to the item's end
+    pf.stop = first + std::min<index_t>(nb + C, b1 - pb) * bb;
+    pf.next = std::max(pf.next, first + nb * bb);
     // keys
-    const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
-    const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
-    for (index_t gt = 0; gt < B / key_group; ++gt) {
-      fold.fold(sc + gt * D, mn + gt * D);
-      for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 16) {
-        const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
-        float* lg = logits.data() + t0;
+    for (index_t j = 0; j < nb; ++j) {
+      const std::uint8_t* block = first + j * bb;
+      // the translation of the page of block j + C + 1 (one past the prefetch window), fetched by
+      // a demand load (its value is not used)
+      if (pb + j + C + 1 < b1) (void)*reinterpret_cast<const volatile std::uint8_t*>(block + (C + 1) * bb);
+      const auto* sc = reinterpret_cast<const std::uint16_t*>(block + kl.scales);
+      const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
+      for (index_t gt = 0; gt < B / key_group; ++gt) {
+        fold.fold(sc + gt * D, mn + gt * D);
+        for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 16) {
+          const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
+          float* lg = logits.data() + j * B + t0;
 #if defined(QPKV_CPU_AVX512VNNI)
-        if (fast) {
-          for_query_tiles(
-              g, [&](index_t i) { key_tile_fast<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-              [&](index_t i) { key_tile_fast<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-              [&](index_t i) { key_tile_fast<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
-          continue;
-        }
+          if (fast) {
+            for_query_tiles(
+                g, [&](index_t i) { key_tile_fast<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); },
+                [&](index_t i) { key_tile_fast<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); },
+                [&](index_t i) { key_tile_fast<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); });
+            continue;
+          }
 #endif
-        for_query_tiles(
-            g, [&](index_t i) { key_tile_exact<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-            [&](index_t i) { key_tile_exact<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-            [&](index_t i) { key_tile_exact<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
+          for_query_tiles(
+              g, [&](index_t i) { key_tile_exact<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); },
+              [&](index_t i) { key_tile_exact<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); },
+              [&](index_t i) { key_tile_exact<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, NB, pf); });
+        }
       }
     }
-    softmax_step(logits.data(), B, B, g, D, p);
+    softmax_step(logits.data(), n, NB, g, D, p);
     // values
-    const std::uint8_t* vpart = block + L.key_part;
-    value_params(vpart, vl, B * plan.per_row, sf.data(), mf.data());
+    for (index_t j = 0; j < nb; ++j)
+      value_params(first + j * bb + L.key_part, vl, B * plan.per_row, sf.data() + j * B * plan.per_row,
+                   mf.data() + j * B * plan.per_row);
 #if defined(QPKV_CPU_AVX512VNNI)
     if (fast_values) {
-      vf.weights(sf.data(), mf.data(), logits.data(), B, g);
-      const std::uint8_t* vc = vpart + vl.codes;
+      vf.weights(sf.data(), mf.data(), logits.data(), NB, g, n);
+      const std::uint8_t* vc = first + L.key_part + vl.codes;
       for_query_tiles(
-          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, i, p.acc, pf); },
-          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, i, p.acc, pf); },
-          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, i, p.acc, pf); });
+          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, bb, n, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, bb, n, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, bb, n, i, p.acc, pf); });
       continue;
     }
 #endif
-    for_query_tiles(
-        g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
-        [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
-        [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); });
+    for (index_t j = 0; j < nb; ++j) {
+      const std::uint8_t* vpart = first + j * bb + L.key_part;
+      const float* lj = logits.data() + j * B;
+      const float* sj = sf.data() + j * B * plan.per_row;
+      const float* mj = mf.data() + j * B * plan.per_row;
+      for_query_tiles(
+          g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, lj + i * NB, NB, p.acc + i * D, sj, mj, pf); },
+          [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, lj + i * NB, NB, p.acc + i * D, sj, mj, pf); },
+          [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, lj + i * NB, NB, p.acc + i * D, sj, mj, pf); });
+    }
   }
 #if defined(QPKV_CPU_AVX512VNNI)
   if (fast_values) vf.natural_order(p.acc, g);

@@ -67,6 +67,14 @@
 #define QPKV_INLINE inline
 #endif
 
+/// Keeps a kernel stage out of its caller: inlined into the whole work item, GCC 12 ran out of
+/// registers and reloaded loop constants and pointers from the stack inside the stage's loops.
+#if defined(__GNUC__) || defined(__clang__)
+#define QPKV_NOINLINE __attribute__((noinline))
+#else
+#define QPKV_NOINLINE
+#endif
+
 namespace qpkv::cpu {
 
 /// Levels of the QPKV_CPU cap.
