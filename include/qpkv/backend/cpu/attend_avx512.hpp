@@ -5,9 +5,11 @@
 // residual, for the g query heads of the head's GQA group, leaving an online-softmax partial
 // (running max m, sum l, unnormalised output acc in natural channel order). What makes it fast,
 // in the order it mattered (issue 4):
-//  - KIVI blocks: no software prefetch (the kernel is compute-bound; prefetching each block one
-//    page ahead cost 15-20%, into L2 at 2-32 KiB gained nothing); fp16 rows: prefetcht1 of the key
-//    row 64 tokens ahead and the value row 32 tokens ahead (-30% time at 32K and 128K tokens);
+//  - KIVI blocks in passes of kPassTokens tokens: the keys of the pass's blocks, one softmax step
+//    over all their logits, then their values; software prefetch into L2 spread over the pass
+//    (one line per key-tile column and value row pair) one pass ahead, plus one demand load per
+//    block past that window for the page translation (Prefetch); fp16 rows: prefetcht1 of the
+//    key row 64 tokens ahead and the value row 32 tokens ahead (-30% time at 32K and 128K tokens);
 //  - keys (KIVI per-channel groups): 16 tokens at a time, their packed code rows transposed as
 //    16x16 dwords so each vector lane is one token; a channel's codes are then one shift + mask
 //    away, and q.k accumulates with tokens in lanes (no horizontal sums). Per key group the
@@ -19,7 +21,11 @@
 //    dwords; shifting gives the 8/b vectors of codes (lane j of vector k = channel (8/b) j + k),
 //    dequantized with the token's scale and min per lane and accumulated for all g queries;
 //    accumulators stay in registers for a whole block and are permuted to and from natural
-//    channel order at the block boundary only;
+//    channel order at the block boundary only. Fast (VNNI): the weights p_t s_tg rounded to
+//    15-bit integers per pass, two tokens per vpdpwssd (ValueFast);
+//  - GCC 12 code generation: token loops kept to one basic block and the dot products written
+//    as in-place instructions (dpwssd, dpbusd), the value stages out of line (QPKV_NOINLINE):
+//    otherwise accumulators were copied around every dot product and loop constants spilled;
 //  - softmax with a vectorised exp (Cephes expf polynomial, about 1 ulp).
 #pragma once
 
@@ -305,7 +311,8 @@ QPKV_TARGET bool kivi_supported(index_t B, index_t D, index_t key_group, index_t
 /// acc + the vpdpwssd / vpdpbusd products, written as one instruction that updates acc in place.
 /// With the intrinsics GCC 12 kept each accumulator of a token loop in one register and copied
 /// it into another and back around every dot product (two vmovdqa per vpdpwssd; 2K tokens,
-/// cache-resident, 1 thread: 0.390 -> 0.368 ms with this and the two changes above it). Other compilers get the intrinsics.
+/// cache-resident, 1 thread: 0.390 -> 0.368 ms together with the value kernel's single-block loop).
+/// Other compilers get the intrinsics.
 QPKV_INLINE __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
 #if defined(__GNUC__) && !defined(__clang__)
   asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
@@ -829,8 +836,8 @@ QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, 
         const __m512i c = KB == 8 ? col : _mm512_and_si512(_mm512_srli_epi32(col, k * KB), bmask);
         for (int i = 0; i < NQ; ++i) {
           const std::size_t at = static_cast<std::size_t>(((qi + i) * dwords + w0 + w) * per + k);
-          hi[i] = _mm512_dpbusd_epi32(hi[i], c, _mm512_set1_epi32(f.qhi[at]));
-          lo[i] = _mm512_dpbusd_epi32(lo[i], c, _mm512_set1_epi32(f.qlo[at]));
+          hi[i] = dpbusd(hi[i], c, _mm512_set1_epi32(f.qhi[at]));
+          lo[i] = dpbusd(lo[i], c, _mm512_set1_epi32(f.qlo[at]));
         }
       }
     }
