@@ -313,7 +313,7 @@ QPKV_TARGET bool kivi_supported(index_t B, index_t D, index_t key_group, index_t
 /// it into another and back around every dot product (two vmovdqa per vpdpwssd; 2K tokens,
 /// cache-resident, 1 thread: 0.390 -> 0.368 ms together with the value kernel's single-block loop).
 /// Other compilers get the intrinsics.
-QPKV_INLINE __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+QPKV_INLINE_VNNI __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
 #if defined(__GNUC__) && !defined(__clang__)
   asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
@@ -322,7 +322,7 @@ QPKV_INLINE __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 /// a: unsigned bytes, b: signed bytes.
-QPKV_INLINE __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+QPKV_INLINE_VNNI __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
 #if defined(__GNUC__) && !defined(__clang__)
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;

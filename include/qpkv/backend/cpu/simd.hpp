@@ -63,8 +63,10 @@
 /// passes them through memory (a 16-register transpose became 32 stores and loads plus a call).
 #if defined(__GNUC__) || defined(__clang__)
 #define QPKV_INLINE inline __attribute__((always_inline)) QPKV_TARGET
+#define QPKV_INLINE_VNNI inline __attribute__((always_inline)) QPKV_TARGET_VNNI
 #else
 #define QPKV_INLINE inline
+#define QPKV_INLINE_VNNI inline
 #endif
 
 /// Keeps a kernel stage out of its caller: inlined into the whole work item, GCC 12 ran out of
