@@ -478,7 +478,6 @@ struct ValueFast {
   std::vector<std::int32_t> lane_grp;  // [slab][16]: group of lane p, relative to slab_g0
   std::vector<index_t> slab_g0;
   std::vector<char> uniform;           // [slab]: all 16 lanes in group slab_g0
-  std::vector<float> wf;               // scratch: N * per_row folded weights of one query
   std::vector<std::int32_t> wq;        // [i][N / 2][per_row] + 16: pair dwords of 15-bit weights
   std::vector<float> step, mterm;      // [i][per_row] + 16
   std::vector<float> tmp;              // scratch: one row of D for natural_order()
@@ -508,7 +507,6 @@ struct ValueFast {
       }
       uniform[u] = same;
     }
-    wf.resize(static_cast<std::size_t>(N * per_row));
     alignas(64) std::int32_t tok[16], words[16];
     alignas(64) std::int16_t words2[32];
     for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
@@ -534,42 +532,70 @@ struct ValueFast {
   /// Folds, rounds and pairs the weights of nq queries (p[i * pstride + t]) for the n tokens of a
   /// pass (whole blocks); S, M: their scales and mins from value_params().
   QPKV_NOINLINE QPKV_TARGET void weights(const float* S, const float* M, const float* p, index_t pstride, index_t nq, index_t n) {
-    const index_t nv = n * per_row / 16;
-    const __mmask16 tm = tail_mask(tpz);
-    for (index_t i = 0; i < nq; ++i) {
-      __m512 mx = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
-      for (index_t v = 0; v < nv; ++v) {
-        const __m512 P = _mm512_permutexvar_ps(vtok, _mm512_maskz_loadu_ps(tm, p + i * pstride + v * tpz));
-        const __m512 W = _mm512_mul_ps(P, _mm512_loadu_ps(S + v * 16));
-        _mm512_storeu_ps(wf.data() + v * 16, W);
-        mx = _mm512_max_ps(mx, W);
-        mt = _mm512_fmadd_ps(P, _mm512_loadu_ps(M + v * 16), mt);
+    index_t i = 0;
+    for (; i + 4 <= nq; i += 4) weights_tile<4>(S, M, p, pstride, i, n);
+    for (; i + 2 <= nq; i += 2) weights_tile<2>(S, M, p, pstride, i, n);
+    for (; i < nq; ++i) weights_tile<1>(S, M, p, pstride, i, n);
+  }
+
+  /// weights() for queries i0 .. i0 + NQ - 1. The scales and mins are loaded once for the NQ
+  /// queries and the folded weights p_t s_tg are recomputed in the rounding loop instead of being
+  /// stored and reloaded (one query at a time with a scratch row of folded weights before: 2K
+  /// tokens, 1 thread, 0.353 -> 0.348 ms; this stage is ~10% of the fast kernel).
+  template <int NQ>
+  QPKV_TARGET void weights_tile(const float* S, const float* M, const float* p, index_t pstride, index_t i0, index_t n) {
+    const index_t nv = n * per_row / 16, tz = tpz;  // locals: the stores below may alias *this
+    const __mmask16 tm = tail_mask(tz);
+    const __m512i tok = vtok;
+    const float* pq[NQ];
+    __m512 mx[NQ], mt[NQ], inv[NQ];
+    for (int i = 0; i < NQ; ++i) {
+      pq[i] = p + (i0 + i) * pstride;
+      mx[i] = mt[i] = _mm512_setzero_ps();
+    }
+    for (index_t v = 0; v < nv; ++v) {
+      const __m512 s = _mm512_loadu_ps(S + v * 16), m = _mm512_loadu_ps(M + v * 16);
+      for (int i = 0; i < NQ; ++i) {
+        const __m512 P = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
+        mx[i] = _mm512_max_ps(mx[i], _mm512_mul_ps(P, s));
+        mt[i] = _mm512_fmadd_ps(P, m, mt[i]);
       }
+    }
+    const __mmask16 gm = tail_mask(per_row);
+    for (int i = 0; i < NQ; ++i) {
       for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
         const __m512i r = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(static_cast<int>(sh)));
         const __m512i ri = _mm512_and_si512(r, _mm512_set1_epi32(15));
-        mx = _mm512_max_ps(mx, _mm512_permutexvar_ps(ri, mx));
-        mt = _mm512_add_ps(mt, _mm512_permutexvar_ps(ri, mt));
+        mx[i] = _mm512_max_ps(mx[i], _mm512_permutexvar_ps(ri, mx[i]));
+        mt[i] = _mm512_add_ps(mt[i], _mm512_permutexvar_ps(ri, mt[i]));
       }
-      const __mmask16 gm = tail_mask(per_row);
-      const __m512 stp = _mm512_mul_ps(mx, _mm512_set1_ps(1.0f / 32767.0f));
-      _mm512_mask_storeu_ps(step.data() + i * per_row, gm, stp);
-      _mm512_mask_storeu_ps(mterm.data() + i * per_row, gm, mt);
+      _mm512_mask_storeu_ps(step.data() + (i0 + i) * per_row, gm, _mm512_mul_ps(mx[i], _mm512_set1_ps(1.0f / 32767.0f)));
+      _mm512_mask_storeu_ps(mterm.data() + (i0 + i) * per_row, gm, mt[i]);
       // inverse step per lane (lane l is group l % per_row); 0 where a group's weights are all 0.
       // W * inv <= 32767 up to float rounding; packs saturates to int16 in any case.
-      const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                             _mm512_set1_ps(32767.0f), mx);
-      std::int32_t* out = wq.data() + i * (N / 2) * per_row;
-      index_t v = 0;
-      for (; v + 2 <= nv; v += 2) {  // two vectors: one saturating pack, one word permutation
-        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv));
-        const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16 + 16), inv));
-        _mm512_storeu_si512(out + v * 8, _mm512_permutexvar_epi16(vwords2, _mm512_packs_epi32(a, b)));
+      inv[i] = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx[i], _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(32767.0f), mx[i]);
+    }
+    std::int32_t* out[NQ];
+    for (int i = 0; i < NQ; ++i) out[i] = wq.data() + (i0 + i) * (N / 2) * per_row;
+    const __m512i w2 = vwords2;
+    index_t v = 0;
+    for (; v + 2 <= nv; v += 2) {  // two vectors: one saturating pack, one word permutation
+      const __m512 s0 = _mm512_loadu_ps(S + v * 16), s1 = _mm512_loadu_ps(S + v * 16 + 16);
+      for (int i = 0; i < NQ; ++i) {
+        const __m512 P0 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
+        const __m512 P1 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + (v + 1) * tz));
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(P0, s0), inv[i]));
+        const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(P1, s1), inv[i]));
+        _mm512_storeu_si512(out[i] + v * 8, _mm512_permutexvar_epi16(w2, _mm512_packs_epi32(a, b)));
       }
-      if (v < nv) {
-        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(wf.data() + v * 16), inv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + v * 8), _mm256_permutexvar_epi16(vwords, _mm512_cvtsepi32_epi16(a)));
+    }
+    if (v < nv) {
+      const __m512 s0 = _mm512_loadu_ps(S + v * 16);
+      for (int i = 0; i < NQ; ++i) {
+        const __m512 P0 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(P0, s0), inv[i]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i] + v * 8), _mm256_permutexvar_epi16(vwords, _mm512_cvtsepi32_epi16(a)));
       }
     }
   }
