@@ -422,7 +422,7 @@ inline QPKV_TARGET void value_params(const std::uint8_t* part, const AffineLayou
 /// acc[i] += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ queries at once;
 /// sf, mf: the part's scales and mins from value_params().
 template <int VB, int NQ>
-QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
+QPKV_NOINLINE QPKV_TARGET void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
                  const float* p, index_t pstride, float* acc, const float* sf, const float* mf, Prefetch& pf) {
   constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
   const index_t D = plan.D, per_row = plan.per_row;
