@@ -83,13 +83,13 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
 
 /// Software prefetch of a work item's KIVI blocks, one cache line per step(), into L2
 /// (prefetcht1). The kernels call step() once per key-tile column and once per value row (pair),
-/// more often than a block has lines; kivi_item() keeps the cursor kPrefetchBlocks ahead of the
-/// block being read and at most one block further. Why this shape, measured at 32K tokens
-/// (docs/performance.md): a burst of a whole block's prefetches at the block start filled the
-/// miss buffers (slower); prefetches spread like this alone changed nothing, because on this CPU
-/// they do not get past a page whose translation is not cached; together with one demand load
-/// two blocks ahead (kivi_item), which brings each new page's translation in early, they cut
-/// the time by 4-5%.
+/// more often than a pass has lines; kivi_item() keeps the cursor within the next pass (the next
+/// block where a pass is one block). Why this shape, measured at 32K tokens (docs/performance.md):
+/// a burst of a whole block's prefetches at the block start filled the miss buffers (slower);
+/// prefetches spread like this alone changed nothing, because on this CPU they do not get past a
+/// page whose translation is not cached; together with one demand load per block just past the
+/// window (kivi_item), which brings each new page's translation in early, they cut the time by
+/// 4-5%.
 struct Prefetch {
   const std::uint8_t* next = nullptr;
   const std::uint8_t* stop = nullptr;
@@ -114,6 +114,15 @@ struct Prefetch {
 /// one block per pass. The exact path keeps one block per pass: passes made it faster when
 /// cache-resident (2K: 0.58 -> 0.56 ms) but slower at 32K (4.87 -> 5.27 ms).
 inline constexpr index_t kPassTokens = 128;
+
+/// Query tiles of 4, 2, 1 over the g queries.
+template <class Fn4, class Fn2, class Fn1>
+inline QPKV_TARGET void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
+  index_t i = 0;
+  for (; i + 4 <= g; i += 4) f4(i);
+  for (; i + 2 <= g; i += 2) f2(i);
+  for (; i < g; ++i) f1(i);
+}
 
 QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 
@@ -540,10 +549,9 @@ struct ValueFast {
   /// Folds, rounds and pairs the weights of nq queries (p[i * pstride + t]) for the n tokens of a
   /// pass (whole blocks); S, M: their scales and mins from value_params().
   QPKV_NOINLINE QPKV_TARGET void weights(const float* S, const float* M, const float* p, index_t pstride, index_t nq, index_t n) {
-    index_t i = 0;
-    for (; i + 4 <= nq; i += 4) weights_tile<4>(S, M, p, pstride, i, n);
-    for (; i + 2 <= nq; i += 2) weights_tile<2>(S, M, p, pstride, i, n);
-    for (; i < nq; ++i) weights_tile<1>(S, M, p, pstride, i, n);
+    for_query_tiles(
+        nq, [&](index_t i) { weights_tile<4>(S, M, p, pstride, i, n); },
+        [&](index_t i) { weights_tile<2>(S, M, p, pstride, i, n); }, [&](index_t i) { weights_tile<1>(S, M, p, pstride, i, n); });
   }
 
   /// weights() for queries i0 .. i0 + NQ - 1. The scales and mins are loaded once for the NQ
@@ -883,15 +891,6 @@ QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, 
   }
 }
 #endif
-
-/// Query tiles of 4, 2, 1 over the g queries.
-template <class Fn4, class Fn2, class Fn1>
-inline QPKV_TARGET void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
-  index_t i = 0;
-  for (; i + 4 <= g; i += 4) f4(i);
-  for (; i + 2 <= g; i += 2) f2(i);
-  for (; i < g; ++i) f1(i);
-}
 
 /// One work item over a KIVI cache: blocks [b0, b1) of head h, then the residual if asked.
 template <int KB, int VB>

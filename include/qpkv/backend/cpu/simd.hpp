@@ -61,19 +61,16 @@
 
 /// Forces inlining of small SIMD helpers whose arguments are register arrays: out of line, GCC
 /// passes them through memory (a 16-register transpose became 32 stores and loads plus a call).
+/// QPKV_NOINLINE keeps a kernel stage out of its caller: inlined into the whole work item, GCC 12
+/// ran out of registers and reloaded loop constants and pointers from the stack inside the stage's
+/// loops.
 #if defined(__GNUC__) || defined(__clang__)
 #define QPKV_INLINE inline __attribute__((always_inline)) QPKV_TARGET
 #define QPKV_INLINE_VNNI inline __attribute__((always_inline)) QPKV_TARGET_VNNI
+#define QPKV_NOINLINE __attribute__((noinline))
 #else
 #define QPKV_INLINE inline
 #define QPKV_INLINE_VNNI inline
-#endif
-
-/// Keeps a kernel stage out of its caller: inlined into the whole work item, GCC 12 ran out of
-/// registers and reloaded loop constants and pointers from the stack inside the stage's loops.
-#if defined(__GNUC__) || defined(__clang__)
-#define QPKV_NOINLINE __attribute__((noinline))
-#else
 #define QPKV_NOINLINE
 #endif
 
