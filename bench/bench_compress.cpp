@@ -66,6 +66,10 @@ void dequantize_bench(benchmark::State& state, int threads) {
   std::vector<float> out(static_cast<std::size_t>(parts * 32 * Layer::dim));
   bench::set_threads(threads);
   for (auto _ : state) {
+    // parts split over the threads, as CompressedKV::dequantize splits its blocks
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
     for (long p = 0; p < parts; ++p) q.decode(dst.data() + p * part, 32, Layer::dim, out.data() + p * 32 * Layer::dim);
     benchmark::DoNotOptimize(out.data());
   }

@@ -2,6 +2,7 @@
 // cache, append across group boundaries, exact bytes, GQA, and the error paths.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -270,5 +271,29 @@ TEST_CASE("attend gives identical results with 1 and 2 threads") {
   c.attend(q.data(), b.data());
   omp_set_num_threads(saved);
   CHECK(a == b);
+}
+
+TEST_CASE("dequantize gives identical results with 1 and 2 threads, and equals each block's decode") {
+  const Shape s{4, 16, 64};
+  const index_t N = 1000;  // 31 blocks per head (4 x 31 x 32 x 64 elements: the parallel loop) + 8 residual
+  auto k = randn(static_cast<std::size_t>(4 * N * 64), 4), v = randn(k.size(), 5);
+  CompressedKV<KeepAll, Kivi<2>> c(s);
+  c.compress(view(k.data(), 4, N, 64), view(v.data(), 4, N, 64), N);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const DenseKV one = c.dequantize();
+  omp_set_num_threads(2);
+  const DenseKV two = c.dequantize();
+  omp_set_num_threads(saved);
+  CHECK(one.keys == two.keys);
+  CHECK(one.values == two.values);
+  // block 17 of head 3 through the quantizers directly (the 2-bit parts' own decode)
+  const CacheLayout& L = c.layout();
+  const std::uint8_t* blk = c.state().data + L.block_offset(3, 17);
+  std::vector<float> kb(32 * 64), vb(kb.size());
+  c.keys_quantizer().decode(blk, 32, 64, kb.data());
+  c.values_quantizer().decode(blk + L.key_part, 32, 64, vb.data());
+  CHECK(std::equal(kb.begin(), kb.end(), one.keys.begin() + (3 * N + 17 * 32) * 64));
+  CHECK(std::equal(vb.begin(), vb.end(), one.values.begin() + (3 * N + 17 * 32) * 64));
 }
 #endif

@@ -286,3 +286,67 @@ TEST_CASE("fast::range_of equals the sequential min/max, signed zeros and NaN in
     }
   }
 }
+
+namespace {
+
+/// Affine::decode (the AVX-512 path where this process has it) against the element rule
+/// quant::decode(unpack_one) computed here, bit for bit, over a few parts of one buffer.
+template <int Bits, class S>
+void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned seed) {
+  CAPTURE(Bits);
+  CAPTURE(static_cast<int>(axis));
+  CAPTURE(T);
+  CAPTURE(D);
+  CAPTURE(group);
+  Affine<Bits, S> q;
+  q.axis = axis;
+  q.group = group;
+  const AffineLayout l = q.layout(T, D);
+  const index_t parts = 3;
+  auto x = randn(static_cast<std::size_t>(parts * T * D), seed);
+  for (index_t i = 0; i < parts * T * D; i += 7) x[static_cast<std::size_t>(i)] *= 9.0f;  // wide groups
+  std::vector<std::uint8_t> buf(l.bytes * static_cast<std::size_t>(parts));
+  q.encode(x.data(), parts, T, D, buf.data(), l.bytes);
+  for (index_t p = 0; p < parts; ++p) {
+    const std::uint8_t* part = buf.data() + static_cast<std::size_t>(p) * l.bytes;
+    const auto* sc = reinterpret_cast<const S*>(part + l.scales);
+    const auto* mn = reinterpret_cast<const S*>(part + l.mins);
+    std::vector<float> y(static_cast<std::size_t>(T * D) + 1, -7.0f);
+    q.decode(part, T, D, y.data());
+    CHECK(y.back() == -7.0f);  // nothing written past T x D
+    bool same = true;
+    for (index_t t = 0; t < T && same; ++t)
+      for (index_t c = 0; c < D; ++c) {
+        const std::size_t g = q.group_of(t, c, D);
+        const float want = quant::decode(quant::unpack_one<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes,
+                                                                 static_cast<std::size_t>(c)),
+                                         to_float(mn[g]), to_float(sc[g]));
+        if (float_bits(want) != float_bits(y[static_cast<std::size_t>(t * D + c)])) {
+          same = false;
+          FAIL_CHECK("decode differs at t=" << t << " c=" << c << ": " << y[static_cast<std::size_t>(t * D + c)]
+                                            << " vs " << want);
+          break;
+        }
+      }
+    CHECK(same);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("decode is bit-identical to the element rule for every packed width, axis, tail and scale type") {
+  // head_dim 100 / 136 / 40: row tails of 4 / 8 / 8 channels; groups of 48 (not a multiple of 16)
+  // and 100 (one group per row, not a multiple of 16); Axis::channel groups of 16 and 32 tokens
+  for (const index_t D : {16, 40, 100, 128, 136}) {
+    check_decode_bits<4, half>(Axis::channel, 32, D, 32, 1);
+    check_decode_bits<2, half>(Axis::channel, 32, D, 16, 2);
+    check_decode_bits<8, half>(Axis::channel, 64, D, 32, 3);
+    check_decode_bits<4, float>(Axis::channel, 32, D, 32, 4);
+    check_decode_bits<4, half>(Axis::token, 5, D, 32, 5);
+    check_decode_bits<2, half>(Axis::token, 3, D, 16, 6);
+    check_decode_bits<8, half>(Axis::token, 4, D, 64, 7);
+    check_decode_bits<2, float>(Axis::token, 4, D, 48, 8);
+    check_decode_bits<4, half>(Axis::token, 2, D, D, 9);
+    check_decode_bits<3, half>(Axis::token, 2, D, 32, 10);  // 3-bit: the generic loop
+  }
+}

@@ -34,6 +34,7 @@
 #include "qpkv/core/buffer.hpp"
 #include "qpkv/core/error.hpp"
 #include "qpkv/core/tensor.hpp"
+#include "qpkv/quant/affine_fast.hpp"
 #include "qpkv/quant/kivi.hpp"
 #include "qpkv/quant/quantizer.hpp"
 #include "qpkv/select/selection.hpp"
@@ -254,12 +255,18 @@ class CompressedKV {
   [[nodiscard]] DenseKV dequantize() const {
     const index_t H = shape_.kv_heads, D = shape_.head_dim, B = layout_.block_tokens, N = tokens();
     DenseKV d{H, N, D, std::vector<float>(static_cast<std::size_t>(H * N * D)), std::vector<float>(static_cast<std::size_t>(H * N * D))};
+    // blocks in parallel (each writes its own rows; the result does not depend on the thread count)
+    const index_t nb = H * blocks_;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nb > 1 && nb * B * D >= quant::fast::parallel_elements)
+#endif
+    for (index_t i = 0; i < nb; ++i) {
+      const index_t h = i / blocks_, b = i % blocks_;
+      const std::uint8_t* blk = data_.data() + layout_.block_offset(h, b);
+      kq_.decode(blk, B, D, d.keys.data() + (h * N + b * B) * D);
+      vq_.decode(blk + layout_.key_part, B, D, d.values.data() + (h * N + b * B) * D);
+    }
     for (index_t h = 0; h < H; ++h) {
-      for (index_t b = 0; b < blocks_; ++b) {
-        const std::uint8_t* blk = data_.data() + layout_.block_offset(h, b);
-        kq_.decode(blk, B, D, d.keys.data() + (h * N + b * B) * D);
-        vq_.decode(blk + layout_.key_part, B, D, d.values.data() + (h * N + b * B) * D);
-      }
       const auto* rk = reinterpret_cast<const half*>(data_.data() + layout_.residual_key_offset(h, 0));
       const auto* rv = reinterpret_cast<const half*>(data_.data() + layout_.residual_value_offset(h, 0));
       for (index_t i = 0; i < residual_ * D; ++i) {

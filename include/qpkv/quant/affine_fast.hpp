@@ -1,6 +1,7 @@
-// qpkv/quant/affine_fast.hpp - the fast path of Affine<Bits>::encode: min-max zero point, no
-// outliers (KIVI). Same bytes as the generic path in affine_quantizer.hpp, computed with
-// allocation-free loops over fixed-size stack buffers that the compiler vectorises:
+// qpkv/quant/affine_fast.hpp - the fast paths of Affine<Bits>::encode (min-max zero point, no
+// outliers: KIVI) and Affine<Bits>::decode (AVX-512, at the end of the file). Encode: the same
+// bytes as the generic path in affine_quantizer.hpp, computed with allocation-free loops over
+// fixed-size stack buffers that the compiler vectorises:
 //  - group ranges: Axis::channel takes a running min/max per channel down the group's rows, in row
 //    order, exactly as the generic path; Axis::token reduces each group with 8 partial lanes (one
 //    AVX-512 min/max per 16 elements when compiled in and the group is a multiple of 16) and
@@ -334,6 +335,120 @@ bool encode(const float* src, index_t parts, index_t tokens, index_t dim, index_
   for (index_t p = 0; p < parts; ++p) one(p);
 #endif
   return ok.load(std::memory_order_relaxed);
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+#if defined(QPKV_CPU_AVX512_KERNELS)
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their "__m512 __Y = __Y;"
+// placeholders) once they are inlined here; the warning is spurious (as in attend_avx512.hpp).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+/// The dwords of 16 codes of a packed row (pack.hpp's layout, 8 % Bits == 0), codes c .. c + 15
+/// (c a multiple of 16); lanes at and past n (< 16 on the row's tail) are 0 and read no memory.
+/// idx / shr: lane j takes byte j / (8 / Bits) of the 16-code slice, shifted by (j % (8 / Bits)) * Bits.
+template <int Bits>
+QPKV_INLINE __m512i unpack16(const std::uint8_t* row, index_t c, index_t n, __m128i idx, __m512i shr) {
+  const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (Bits == 8) {
+    return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, row + c));
+  } else {
+    constexpr index_t per = 8 / Bits;
+    const index_t nb = ((n >= 16 ? 16 : n) + per - 1) / per;  // bytes of the slice
+    const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nb) - 1u), row + c / per);
+    const __m512i v = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(b, idx)), shr);
+    return _mm512_maskz_and_epi32(lanes, v, _mm512_set1_epi32((1 << Bits) - 1));
+  }
+}
+
+/// 16 scales or mins (n of them, the rest 0) as float.
+template <class ScaleT>
+QPKV_INLINE __m512 params16(const ScaleT* p, index_t n) {
+  const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (std::is_same_v<ScaleT, float>) return _mm512_maskz_loadu_ps(lanes, p);
+  else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, &p->bits));
+}
+
+/// decode() for one part with the AVX-512 instructions; the checks are decode()'s.
+template <int Bits, class ScaleT>
+QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, index_t dim, index_t group, bool channel,
+                                    std::size_t mins_off, std::size_t codes_off, std::size_t row_bytes, float* out) {
+  const auto* sc = reinterpret_cast<const ScaleT*>(part);
+  const auto* mn = reinterpret_cast<const ScaleT*>(part + mins_off);
+  constexpr int per = 8 / Bits;
+  alignas(16) std::int8_t idx[16];
+  alignas(64) std::int32_t shr[16];
+  for (int j = 0; j < 16; ++j) {
+    idx[j] = static_cast<std::int8_t>(j / per);
+    shr[j] = (j % per) * Bits;
+  }
+  const __m128i vidx = _mm_load_si128(reinterpret_cast<const __m128i*>(idx));
+  const __m512i vshr = _mm512_load_si512(shr);
+  alignas(64) float sf[max_dim], mf[max_dim];  // per channel: the token group's (channel) or the row's
+  const index_t per_row = (dim + group - 1) / group;
+  const bool broadcast = !channel && group % 16 == 0;  // each 16-channel slice inside one group
+  for (index_t t = 0; t < tokens; ++t) {
+    const std::uint8_t* row = part + codes_off + static_cast<std::size_t>(t) * row_bytes;
+    float* o = out + t * dim;
+    if (channel && t % group == 0) {
+      const index_t base = (t / group) * dim;
+      for (index_t c = 0; c < dim; c += 16) {
+        _mm512_store_ps(sf + c, params16(sc + base + c, dim - c));
+        _mm512_store_ps(mf + c, params16(mn + base + c, dim - c));
+      }
+    } else if (!channel && !broadcast) {
+      for (index_t c = 0; c < dim; ++c) {
+        sf[c] = to_float(sc[t * per_row + c / group]);
+        mf[c] = to_float(mn[t * per_row + c / group]);
+      }
+    }
+    for (index_t c = 0; c < dim; c += 16) {
+      __m512 s, m;
+      if (broadcast) {
+        const index_t g = t * per_row + c / group;
+        s = _mm512_set1_ps(to_float(sc[g]));
+        m = _mm512_set1_ps(to_float(mn[g]));
+      } else {
+        s = _mm512_load_ps(sf + c);
+        m = _mm512_load_ps(mf + c);
+      }
+      __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(unpack16<Bits>(row, c, dim - c, vidx, vshr)), s);
+#if defined(__GNUC__)
+      __asm__("" : "+v"(x));  // code * scale rounded before + min, as quant::decode (no FMA contraction)
+#endif
+      const index_t n = dim - c;
+      _mm512_mask_storeu_ps(o + c, n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u), _mm512_add_ps(x, m));
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+/// Decodes one part's T x D codes, out[t * dim + c] = float(code) * scale + min (quant::decode's
+/// two roundings, so bit-identical to Affine::decode's element loop), without its outliers.
+/// Returns false (nothing written) where this path does not apply: no AVX-512 in this process,
+/// 8 % Bits != 0, dim > max_dim, a scale type other than half / float, or (Axis::channel) tokens
+/// not a multiple of the group. (qpkv_bench dequantize/kivi4/g32/t1: 3.3 GB/s with the element
+/// loop, whose per-element barrier against FMA contraction kept GCC from vectorising it; 31 GB/s.)
+template <int Bits, class ScaleT>
+bool decode(const std::uint8_t* part, index_t tokens, index_t dim, index_t group, bool channel, std::size_t mins_off,
+            std::size_t codes_off, std::size_t row_bytes, float* out) {
+#if defined(QPKV_CPU_AVX512_KERNELS)
+  if constexpr (8 % Bits == 0 && (std::is_same_v<ScaleT, half> || std::is_same_v<ScaleT, float>)) {
+    if (!cpu::avx512_usable() || dim <= 0 || dim > max_dim || group <= 0 || (channel && tokens % group != 0))
+      return false;
+    decode_part_avx512<Bits, ScaleT>(part, tokens, dim, group, channel, mins_off, codes_off, row_bytes, out);
+    return true;
+  }
+#endif
+  (void)part, (void)tokens, (void)dim, (void)group, (void)channel, (void)mins_off, (void)codes_off, (void)row_bytes,
+      (void)out;
+  return false;
 }
 
 }  // namespace qpkv::quant::fast

@@ -200,6 +200,12 @@ struct Affine {
 
   void decode(const std::uint8_t* part, index_t tokens, index_t dim, float* out) const {
     const AffineLayout l = layout(tokens, dim);
+    // AVX-512 unpack + multiply + add, the same floats (affine_fast.hpp); else the loop below
+    if (quant::fast::decode<Bits, ScaleT>(part, tokens, dim, group, axis == Axis::channel, l.mins, l.codes, l.row_bytes,
+                                          out)) {
+      apply_outliers(part, l, out);
+      return;
+    }
     const auto* sc = reinterpret_cast<const ScaleT*>(part + l.scales);
     const auto* mn = reinterpret_cast<const ScaleT*>(part + l.mins);
     // Row by row: unpack the row once, convert each group's parameters once (per channel for a

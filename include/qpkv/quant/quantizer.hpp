@@ -29,7 +29,8 @@ constexpr const char* axis_name(Axis a) {
 ///  - `encode(src, parts, tokens, dim, dst, dst_stride)`: quantizes `parts` consecutive slabs of
 ///    src (parts x tokens x dim floats, C order) into dst + i * dst_stride. One call may share
 ///    state across parts (HQQ's optimizer stops on the error of the whole call).
-///  - `decode(part, tokens, dim, out)`: writes the tokens x dim floats the part represents.
+///  - `decode(part, tokens, dim, out)`: writes the tokens x dim floats the part represents; called
+///    concurrently for different parts (CompressedKV::dequantize decodes blocks in parallel).
 ///  - `validate(dim, role)`: throws qpkv::Error if the parameters cannot serve this head_dim.
 template <class Q>
 concept Quantizer = requires(Q q, const Q& cq, const float* src, std::uint8_t* dst, const std::uint8_t* part,
