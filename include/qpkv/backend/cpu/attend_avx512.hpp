@@ -745,7 +745,9 @@ struct KeyFold {
     }
   }
 
-  QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn) {
+  /// Out of line: inlined into kivi_item (once fold_tile took its loops), the 32K-token fast
+  /// KIVI-4 kernel was 8-9% slower (qpkv_bench --compare, 10 rounds, 1 and 2 threads).
+  QPKV_NOINLINE QPKV_TARGET void fold(const std::uint16_t* sc, const std::uint16_t* mn) {
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
     const bool permute = fast && per > 1;
