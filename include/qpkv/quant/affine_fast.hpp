@@ -340,13 +340,7 @@ bool encode(const float* src, index_t parts, index_t tokens, index_t dim, index_
 // ---- decode ----------------------------------------------------------------------------------
 
 #if defined(QPKV_CPU_AVX512_KERNELS)
-// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their "__m512 __Y = __Y;"
-// placeholders) once they are inlined here; the warning is spurious (as in attend_avx512.hpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
 /// The dwords of 16 codes of a packed row (pack.hpp's layout, 8 % Bits == 0), codes c .. c + 15
 /// (c a multiple of 16); lanes at and past n (< 16 on the row's tail) are 0 and read no memory.
 /// idx / shr: lane j takes byte j / (8 / Bits) of the 16-code slice, shifted by (j % (8 / Bits)) * Bits.
@@ -424,9 +418,7 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
     }
   }
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+QPKV_INTRINSICS_WARNINGS_ON
 #endif
 
 /// Decodes one part's T x D codes, out[t * dim + c] = float(code) * scale + min (quant::decode's

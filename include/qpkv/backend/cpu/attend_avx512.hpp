@@ -44,13 +44,7 @@
 #include "qpkv/core/dtype.hpp"
 #include "qpkv/quant/affine_quantizer.hpp"
 
-// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their
-// "__m512 __Y = __Y;" placeholders) once they are inlined here; the warning is spurious.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
 
 namespace qpkv::cpu::avx512 {
 
@@ -1010,8 +1004,6 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
 
 }  // namespace qpkv::cpu::avx512
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+QPKV_INTRINSICS_WARNINGS_ON
 
 #endif  // QPKV_CPU_AVX512_KERNELS

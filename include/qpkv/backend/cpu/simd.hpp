@@ -74,6 +74,19 @@
 #define QPKV_NOINLINE
 #endif
 
+/// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their
+/// "__m512 __Y = __Y;" placeholders) once they are inlined into a kernel; the warning is spurious.
+/// QPKV_INTRINSICS_WARNINGS_OFF / _ON bracket the kernel code.
+#if defined(__GNUC__) && !defined(__clang__)
+#define QPKV_INTRINSICS_WARNINGS_OFF                                  \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+      _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define QPKV_INTRINSICS_WARNINGS_ON _Pragma("GCC diagnostic pop")
+#else
+#define QPKV_INTRINSICS_WARNINGS_OFF
+#define QPKV_INTRINSICS_WARNINGS_ON
+#endif
+
 namespace qpkv::cpu {
 
 /// Levels of the QPKV_CPU cap.
