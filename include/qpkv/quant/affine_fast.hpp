@@ -346,13 +346,13 @@ QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
 /// idx / shr: lane j takes byte j / (8 / Bits) of the 16-code slice, shifted by (j % (8 / Bits)) * Bits.
 template <int Bits>
 QPKV_INLINE __m512i unpack16(const std::uint8_t* row, index_t c, index_t n, __m128i idx, __m512i shr) {
-  const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+  const __mmask16 lanes = cpu::tail_mask(n);
   if constexpr (Bits == 8) {
     return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, row + c));
   } else {
     constexpr index_t per = 8 / Bits;
     const index_t nb = ((n >= 16 ? 16 : n) + per - 1) / per;  // bytes of the slice
-    const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nb) - 1u), row + c / per);
+    const __m128i b = _mm_maskz_loadu_epi8(cpu::tail_mask(nb), row + c / per);
     const __m512i v = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(b, idx)), shr);
     return _mm512_maskz_and_epi32(lanes, v, _mm512_set1_epi32((1 << Bits) - 1));
   }
@@ -361,7 +361,7 @@ QPKV_INLINE __m512i unpack16(const std::uint8_t* row, index_t c, index_t n, __m1
 /// 16 scales or mins (n of them, the rest 0) as float.
 template <class ScaleT>
 QPKV_INLINE __m512 params16(const ScaleT* p, index_t n) {
-  const __mmask16 lanes = n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+  const __mmask16 lanes = cpu::tail_mask(n);
   if constexpr (std::is_same_v<ScaleT, float>) return _mm512_maskz_loadu_ps(lanes, p);
   else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, &p->bits));
 }
@@ -413,8 +413,7 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
 #if defined(__GNUC__)
       __asm__("" : "+v"(x));  // code * scale rounded before + min, as quant::decode (no FMA contraction)
 #endif
-      const index_t n = dim - c;
-      _mm512_mask_storeu_ps(o + c, n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u), _mm512_add_ps(x, m));
+      _mm512_mask_storeu_ps(o + c, cpu::tail_mask(dim - c), _mm512_add_ps(x, m));
     }
   }
 }

@@ -118,7 +118,6 @@ inline QPKV_TARGET void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1)
   for (; i < g; ++i) f1(i);
 }
 
-QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
 /// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.

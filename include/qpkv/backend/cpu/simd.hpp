@@ -43,6 +43,7 @@
 #include <string_view>
 
 #include "qpkv/core/error.hpp"
+#include "qpkv/core/tensor.hpp"
 
 #if defined(QPKV_CPU_AVX512_KERNELS)
 #include <immintrin.h>
@@ -88,6 +89,11 @@
 #endif
 
 namespace qpkv::cpu {
+
+#if defined(QPKV_CPU_AVX512_KERNELS)
+/// The first min(n, 16) lanes of a 16-lane vector (a row's tail in the AVX-512 kernels).
+QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+#endif
 
 /// Levels of the QPKV_CPU cap.
 inline constexpr int kCapPortable = 0, kCapAvx2 = 1, kCapAvx512 = 2, kCapAvx512Vnni = 3;
