@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "qpkv/backend/cpu/attend_avx2.hpp"
 #include "qpkv/backend/cpu/attend_avx512.hpp"
 #include "qpkv/backend/cpu/precision.hpp"
 #include "qpkv/backend/cpu/simd.hpp"
@@ -99,7 +100,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
 
   // which kernel: decided once per call from the types and the layout
-  enum class Kernel { portable, kivi, fp16 };
+  enum class Kernel { portable, kivi, fp16, kivi_avx2, fp16_avx2 };
   Kernel kernel = Kernel::portable;
   [[maybe_unused]] AffineLayout kl{}, vl{};
 #if defined(QPKV_CPU_AVX512_KERNELS)
@@ -114,6 +115,20 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   }
   if (st.residual > 0 && !avx512::fp16_supported(D)) kernel = Kernel::portable;
   if (!avx512_usable()) kernel = Kernel::portable;  // run-time dispatch on a CPU without AVX-512 (simd.hpp)
+#endif
+#if defined(QPKV_CPU_AVX2_KERNELS)
+  // no AVX-512 (or QPKV_CPU=avx2): the AVX2 kernels where they apply
+  if (kernel == Kernel::portable && avx2_kernels_usable() && (st.residual == 0 || avx2::fp16_supported(D))) {
+    if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
+      kl = kq.layout(B, D);
+      vl = vq.layout(B, D);
+      if (kq.axis == Axis::channel && vq.axis == Axis::token && kl.slots == 0 && vl.slots == 0 &&
+          avx2::kivi_supported<KQ::bits, VQ::bits>(B, D, kq.group, vq.group))
+        kernel = Kernel::kivi_avx2;
+    } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {
+      if (avx2::fp16_supported(D) && L.key_part == static_cast<std::size_t>(D) * 2) kernel = Kernel::fp16_avx2;
+    }
+  }
 #endif
   (void)precision;
   (void)kernel;
@@ -135,7 +150,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     std::fill(l, l + g + g * D, 0.0f);
     const float* qh = qs.data() + h * g * D;
 #if defined(QPKV_CPU_AVX512_KERNELS)
-    const avx512::Partial p{m, l, acc};
+    const Partial p{m, l, acc};
     if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
       if (kernel == Kernel::kivi) {
         const avx512::ValuePlan<VQ::bits> plan(D, vq.group);
@@ -151,6 +166,25 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
           avx512::fp16_tokens(st.data + L.residual_key_offset(h, 0), static_cast<std::size_t>(D) * 2,
                               st.data + L.residual_value_offset(h, 0), static_cast<std::size_t>(D) * 2, st.residual, D,
                               qh, g, p);
+        return;
+      }
+    }
+#endif
+#if defined(QPKV_CPU_AVX2_KERNELS)
+    if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
+      if (kernel == Kernel::kivi_avx2) {
+        const avx2::ValuePlan<VQ::bits> plan(D, vq.group);
+        avx2::kivi_item<KQ::bits, VQ::bits>(st, kl, vl, kq.group, plan, h, b0, b1, with_residual, qh, Partial{m, l, acc});
+        return;
+      }
+    } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {
+      if (kernel == Kernel::fp16_avx2) {
+        const std::uint8_t* first = st.data + L.block_offset(h, b0);
+        avx2::fp16_tokens(first, L.block_bytes(), first + L.key_part, L.block_bytes(), b1 - b0, D, qh, g, Partial{m, l, acc});
+        if (with_residual && st.residual > 0)
+          avx2::fp16_tokens(st.data + L.residual_key_offset(h, 0), static_cast<std::size_t>(D) * 2,
+                            st.data + L.residual_value_offset(h, 0), static_cast<std::size_t>(D) * 2, st.residual, D,
+                            qh, g, Partial{m, l, acc});
         return;
       }
     }

@@ -48,13 +48,6 @@ QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
 
 namespace qpkv::cpu::avx512 {
 
-/// One work item's online-softmax state: m[g], l[g], acc[g * D] (natural channel order).
-struct Partial {
-  float* m;
-  float* l;
-  float* acc;
-};
-
 /// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, scalef); x below
 /// -87.3 gives 0.
 QPKV_INLINE __m512 exp_ps(__m512 x) {
@@ -75,33 +68,8 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, fx));
 }
 
-/// Software prefetch of a work item's KIVI blocks, one cache line per step(), into L2
-/// (prefetcht1). The kernels call step() once per key-tile column and once per value row (pair),
-/// more often than a pass has lines; kivi_item() keeps the cursor within the next pass (the next
-/// block where a pass is one block). Why this shape, measured at 32K tokens (docs/performance.md):
-/// a burst of a whole block's prefetches at the block start filled the miss buffers (slower);
-/// prefetches spread like this alone changed nothing, because on this CPU they do not get past a
-/// page whose translation is not cached; together with one demand load per block just past the
-/// window (kivi_item), which brings each new page's translation in early, they cut the time by
-/// 4-5%.
-struct Prefetch {
-  const std::uint8_t* next = nullptr;
-  const std::uint8_t* stop = nullptr;
-  QPKV_INLINE void step() {
-    if (next < stop) {
-      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
-      next += 64;
-    }
-  }
-  /// step() without a branch (at the window's end it prefetches the last line again), for the
-  /// VNNI token loops: a branch there split them into several blocks and GCC 12 then copied the
-  /// vpdpwssd accumulators in and out of spare registers around every dot product. (In the
-  /// exact kernels the branch is cheaper: 2K tokens, 0.579 -> 0.567 ms.)
-  QPKV_INLINE void step_branchless() {
-    _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
-    next += next + 64 < stop ? 64 : 0;
-  }
-};
+// Partial and Prefetch: simd.hpp.
+
 /// Tokens per pass of kivi_item()'s fast path (whole blocks, at least one): the keys of a pass's
 /// blocks, one softmax step over all their logits, then their values (the value weights rounded
 /// and the integer sums flushed once per pass). 32K tokens, 2 threads: 3.79 -> 3.35 ms against

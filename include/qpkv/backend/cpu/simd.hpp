@@ -14,11 +14,15 @@
 //    on CPUs that have AVX2 but not AVX-512.
 //  - Define QPKV_NO_SIMD to force the portable kernels, QPKV_NO_DISPATCH to compile only what the
 //    build targets (no run-time check).
+//  - AVX2 kernels (attend_avx2.hpp, KIVI and fp16 caches, exact arithmetic) for CPUs with AVX2 +
+//    FMA + F16C but no AVX-512: compiled for the target where it has AVX2 (QPKV_CPU_AVX2_KERNELS),
+//    else with a target attribute in dispatch builds and chosen at run time
+//    (QPKV_CPU_AVX2_DISPATCH). What they do not cover runs the portable kernels.
 //  - At run time, the environment variable QPKV_CPU caps the kernels a process uses: `portable`
-//    (the build target's portable kernels), `avx2` (the AVX2 copy of the portable kernels, where
-//    compiled), `avx512` (no VNNI: AttendPrecision::fast runs the exact kernels) or `avx512-vnni`
-//    (no cap); any other value is an error. Benchmarks and tests use it to compare kernels in one
-//    binary.
+//    (the build target's portable kernels), `avx2` (the AVX2 kernels, and the AVX2 copy of the
+//    portable kernels where compiled), `avx512` (no VNNI: AttendPrecision::fast runs the exact
+//    kernels) or `avx512-vnni` (no cap); any other value is an error. Benchmarks and tests use it
+//    to compare kernels in one binary.
 // Every kernel gives the same results up to float rounding (tests compare them with float64).
 #pragma once
 
@@ -39,13 +43,24 @@
 #endif
 #endif
 
+// The AVX2 kernels (attend_avx2.hpp): compiled for the target where it has AVX2 + FMA + F16C (an
+// AVX-512 target too, so that QPKV_CPU=avx2 can run them there), else with a target attribute in
+// dispatch builds and chosen at run time on CPUs with AVX2 but without AVX-512.
+#if !defined(QPKV_NO_SIMD) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QPKV_CPU_AVX2_KERNELS 1
+#elif defined(QPKV_CPU_DISPATCH)
+#define QPKV_CPU_AVX2_KERNELS 1
+#define QPKV_CPU_AVX2_DISPATCH 1
+#endif
+
+#include <cstdint>
 #include <cstdlib>
 #include <string_view>
 
 #include "qpkv/core/error.hpp"
 #include "qpkv/core/tensor.hpp"
 
-#if defined(QPKV_CPU_AVX512_KERNELS)
+#if defined(QPKV_CPU_AVX512_KERNELS) || defined(QPKV_CPU_AVX2_KERNELS)
 #include <immintrin.h>
 #endif
 
@@ -65,15 +80,22 @@
 /// QPKV_NOINLINE keeps a kernel stage out of its caller: inlined into the whole work item, GCC 12
 /// ran out of registers and reloaded loop constants and pointers from the stack inside the stage's
 /// loops.
+/// QPKV_TARGET_AVX2: the target attribute of the AVX2 kernels (empty when the build targets AVX2).
+#if defined(QPKV_CPU_AVX2_DISPATCH)
+#define QPKV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QPKV_TARGET_AVX2
+#endif
 #if defined(__GNUC__) || defined(__clang__)
-#define QPKV_INLINE inline __attribute__((always_inline)) QPKV_TARGET
-#define QPKV_INLINE_VNNI inline __attribute__((always_inline)) QPKV_TARGET_VNNI
+#define QPKV_ALWAYS_INLINE inline __attribute__((always_inline))
 #define QPKV_NOINLINE __attribute__((noinline))
 #else
-#define QPKV_INLINE inline
-#define QPKV_INLINE_VNNI inline
+#define QPKV_ALWAYS_INLINE inline
 #define QPKV_NOINLINE
 #endif
+#define QPKV_INLINE QPKV_ALWAYS_INLINE QPKV_TARGET
+#define QPKV_INLINE_VNNI QPKV_ALWAYS_INLINE QPKV_TARGET_VNNI
+#define QPKV_INLINE_AVX2 QPKV_ALWAYS_INLINE QPKV_TARGET_AVX2
 
 /// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their
 /// "__m512 __Y = __Y;" placeholders) once they are inlined into a kernel; the warning is spurious.
@@ -93,6 +115,44 @@ namespace qpkv::cpu {
 #if defined(QPKV_CPU_AVX512_KERNELS)
 /// The first min(n, 16) lanes of a 16-lane vector (a row's tail in the AVX-512 kernels).
 QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+#endif
+
+/// One work item's online-softmax state in the SIMD kernels: m[g], l[g], acc[g * D] (natural
+/// channel order on return).
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
+
+#if defined(QPKV_CPU_AVX512_KERNELS) || defined(QPKV_CPU_AVX2_KERNELS)
+/// Software prefetch of a work item's KIVI blocks, one cache line per step(), into L2
+/// (prefetcht1; SSE, so no target attribute is needed). The kernels call step() once per
+/// key-tile column and once per value row (pair), more often than a pass has lines; kivi_item()
+/// keeps the cursor within the next pass (the next block where a pass is one block). Why this
+/// shape, measured at 32K tokens (docs/performance.md): a burst of a whole block's prefetches at
+/// the block start filled the miss buffers (slower); prefetches spread like this alone changed
+/// nothing, because on this CPU they do not get past a page whose translation is not cached;
+/// together with one demand load per block just past the window (kivi_item), which brings each
+/// new page's translation in early, they cut the time by 4-5%.
+struct Prefetch {
+  const std::uint8_t* next = nullptr;
+  const std::uint8_t* stop = nullptr;
+  QPKV_ALWAYS_INLINE void step() {
+    if (next < stop) {
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+      next += 64;
+    }
+  }
+  /// step() without a branch (at the window's end it prefetches the last line again), for the
+  /// VNNI token loops: a branch there split them into several blocks and GCC 12 then copied the
+  /// vpdpwssd accumulators in and out of spare registers around every dot product. (In the
+  /// exact kernels the branch is cheaper: 2K tokens, 0.579 -> 0.567 ms.)
+  QPKV_ALWAYS_INLINE void step_branchless() {
+    _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+    next += next + 64 < stop ? 64 : 0;
+  }
+};
 #endif
 
 /// Levels of the QPKV_CPU cap.
@@ -122,6 +182,22 @@ inline bool avx2_usable() {
     return cpu_cap() >= kCapAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with AVX2 CPUs
   }();
   return ok;
+#else
+  return false;
+#endif
+}
+
+/// Can this process run the AVX2 kernels (attend_avx2.hpp)? They run where the AVX-512 ones do
+/// not (no AVX-512, or QPKV_CPU=avx2).
+inline bool avx2_kernels_usable() {
+#if defined(QPKV_CPU_AVX2_DISPATCH)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_cap() >= kCapAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with AVX2 CPUs
+  }();
+  return ok;
+#elif defined(QPKV_CPU_AVX2_KERNELS)
+  return cpu_cap() >= kCapAvx2;
 #else
   return false;
 #endif
@@ -158,16 +234,16 @@ inline bool avx512_vnni_usable() {
 }
 
 /// The kernel family attend() runs for KIVI and fp16 caches in this process: "avx512-vnni",
-/// "avx512" (compiled for the target), "avx512-vnni (dispatch)", "avx512 (dispatch)", "avx2
-/// (dispatch)" (chosen at run time) or "portable".
+/// "avx512", "avx2" (compiled for the target), "avx512-vnni (dispatch)", "avx512 (dispatch)",
+/// "avx2 (dispatch)" (chosen at run time) or "portable".
 inline const char* simd_name() {
 #if defined(QPKV_CPU_DISPATCH)
   return avx512_vnni_usable() ? "avx512-vnni (dispatch)"
          : avx512_usable()    ? "avx512 (dispatch)"
-         : avx2_usable()      ? "avx2 (dispatch)"
-                              : "portable";
+         : avx2_kernels_usable() ? "avx2 (dispatch)"
+                                 : "portable";
 #else
-  return avx512_vnni_usable() ? "avx512-vnni" : avx512_usable() ? "avx512" : "portable";
+  return avx512_vnni_usable() ? "avx512-vnni" : avx512_usable() ? "avx512" : avx2_kernels_usable() ? "avx2" : "portable";
 #endif
 }
 
