@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <vector>
 
 #include "test_util.hpp"
@@ -81,7 +83,22 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
     const double small_d = std::max(bound, 1e-3);
     SUBCASE("KIVI 8-bit, group 16, head_dim 16") { check<Kivi<8, 8, 16>>(2100, p, small_d, 3, 8, 16); }
     SUBCASE("KIVI 8-bit, group 48, head_dim 48") { check<Kivi<8, 8, 48>>(2100, p, small_d, 3, 8, 48); }
+    // shapes only the AVX2 kernels take (8-token key tiles, 8-channel fp16 slices): key group 8
+    // with a partial 8x8 transpose (6 code dwords per row), GQA 3; fp16 rows of 40 channels
+    SUBCASE("KIVI 4-bit, group 8, head_dim 48, GQA 3") { check<Kivi<4, 4, 8>>(1100, p, small_d, 5, 6, 48); }
+    SUBCASE("fp16, head_dim 40") { check<Fp16>(700, p, bound, 3, 8, 40); }
   }
+}
+
+TEST_CASE("QPKV_CPU=avx2 runs the AVX2 kernels where the build has them and the CPU can") {
+  // guards the *_cpu_avx2 ctest entries against a silent fallback to the portable kernels
+  const char* cap = std::getenv("QPKV_CPU");
+  if (cap == nullptr || std::string_view(cap) != "avx2") return;
+#if defined(QPKV_CPU_AVX2_KERNELS) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    CHECK(std::string_view(cpu::simd_name()).substr(0, 4) == "avx2");
+#endif
 }
 
 TEST_CASE("attend when every logit is far below zero and the token count is not a multiple of 16") {

@@ -335,9 +335,10 @@ void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned 
 }  // namespace
 
 TEST_CASE("decode is bit-identical to the element rule for every packed width, axis, tail and scale type") {
-  // head_dim 100 / 136 / 40: row tails of 4 / 8 / 8 channels; groups of 48 (not a multiple of 16)
-  // and 100 (one group per row, not a multiple of 16); Axis::channel groups of 16 and 32 tokens
-  for (const index_t D : {16, 40, 100, 128, 136}) {
+  // head_dim 100 / 136 / 40 / 36: row tails of 4 / 8 / 8 / 4 channels for 16-lane vectors (AVX-512),
+  // 4 / 0 / 0 / 4 for 8-lane ones (AVX2: QPKV_CPU=avx2); groups of 48 (not a multiple of 16) and
+  // 100 (one group per row, not a multiple of 16); Axis::channel groups of 16 and 32 tokens
+  for (const index_t D : {16, 36, 40, 100, 128, 136}) {
     check_decode_bits<4, half>(Axis::channel, 32, D, 32, 1);
     check_decode_bits<2, half>(Axis::channel, 32, D, 16, 2);
     check_decode_bits<8, half>(Axis::channel, 64, D, 32, 3);
@@ -348,5 +349,6 @@ TEST_CASE("decode is bit-identical to the element rule for every packed width, a
     check_decode_bits<2, float>(Axis::token, 4, D, 48, 8);
     check_decode_bits<4, half>(Axis::token, 2, D, D, 9);
     check_decode_bits<3, half>(Axis::token, 2, D, 32, 10);  // 3-bit: the generic loop
+    check_decode_bits<4, half>(Axis::token, 3, D, 4, 11);   // groups narrower than a vector
   }
 }

@@ -1,5 +1,5 @@
 // qpkv/quant/affine_fast.hpp - the fast paths of Affine<Bits>::encode (min-max zero point, no
-// outliers: KIVI) and Affine<Bits>::decode (AVX-512, at the end of the file). Encode: the same
+// outliers: KIVI) and Affine<Bits>::decode (AVX-512 or AVX2, at the end of the file). Encode: the same
 // bytes as the generic path in affine_quantizer.hpp, computed with allocation-free loops over
 // fixed-size stack buffers that the compiler vectorises:
 //  - group ranges: Axis::channel takes a running min/max per channel down the group's rows, in row
@@ -420,21 +420,103 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
 QPKV_INTRINSICS_WARNINGS_ON
 #endif
 
+#if defined(QPKV_CPU_AVX2_KERNELS)
+QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
+/// The dwords of the 8 codes c .. c + 7 of a packed row (c a multiple of 8, all 8 inside the row).
+/// Code j sits at bit j * Bits of the slice (pack.hpp, 8 % Bits == 0), so one 32-bit load
+/// broadcast to every lane and shifted by shr = (0, Bits, .., 7 Bits) gives them all.
+template <int Bits>
+QPKV_INLINE_AVX2 __m256i unpack8(const std::uint8_t* row, index_t c, __m256i shr) {
+  if constexpr (Bits == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c)));
+  } else {
+    std::uint32_t w = 0;
+    std::memcpy(&w, row + c * Bits / 8, Bits);  // the slice's 8 * Bits bits
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shr),
+                            _mm256_set1_epi32((1 << Bits) - 1));
+  }
+}
+
+/// decode() for one part with AVX2 (CPUs without AVX-512); the checks are decode()'s. Whole
+/// vectors of 8 channels, the row's last dim % 8 channels by the element rule.
+template <int Bits, class ScaleT>
+QPKV_TARGET_AVX2 void decode_part_avx2(const std::uint8_t* part, index_t tokens, index_t dim, index_t group, bool channel,
+                                       std::size_t mins_off, std::size_t codes_off, std::size_t row_bytes, float* out) {
+  const auto* sc = reinterpret_cast<const ScaleT*>(part);
+  const auto* mn = reinterpret_cast<const ScaleT*>(part + mins_off);
+  const __m256i shr = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+  alignas(32) float sf[max_dim], mf[max_dim];  // per channel: the token group's (channel) or the row's
+  const index_t per_row = (dim + group - 1) / group, full = dim / 8 * 8;
+  const bool broadcast = !channel && group % 8 == 0;  // each 8-channel slice inside one group
+  for (index_t t = 0; t < tokens; ++t) {
+    const std::uint8_t* row = part + codes_off + static_cast<std::size_t>(t) * row_bytes;
+    float* o = out + t * dim;
+    if (channel ? t % group == 0 : !broadcast) {
+      const std::size_t base = channel ? static_cast<std::size_t>((t / group) * dim) : 0;
+      for (index_t c = 0; c < dim; ++c) {
+        const std::size_t at = channel ? base + static_cast<std::size_t>(c) : static_cast<std::size_t>(t * per_row + c / group);
+        sf[c] = to_float(sc[at]);
+        mf[c] = to_float(mn[at]);
+      }
+    }
+    for (index_t c = 0; c < full; c += 8) {
+      __m256 s, m;
+      if (broadcast) {
+        const index_t g = t * per_row + c / group;
+        s = _mm256_set1_ps(to_float(sc[g]));
+        m = _mm256_set1_ps(to_float(mn[g]));
+      } else {
+        s = _mm256_load_ps(sf + c);
+        m = _mm256_load_ps(mf + c);
+      }
+      __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(unpack8<Bits>(row, c, shr)), s);
+#if defined(__GNUC__)
+      __asm__("" : "+x"(x));  // code * scale rounded before + min, as quant::decode (no FMA contraction)
+#endif
+      _mm256_storeu_ps(o + c, _mm256_add_ps(x, m));
+    }
+    for (index_t c = full; c < dim; ++c) {
+      const index_t g = t * per_row + c / group;
+      const float s = broadcast ? to_float(sc[g]) : sf[c], m = broadcast ? to_float(mn[g]) : mf[c];
+      // quant::decode's rule, with its barrier against contraction whatever the build's target: in
+      // this function FMA is enabled by the target attribute, not by __FMA__
+      float x = static_cast<float>(unpack_one<Bits>(row, static_cast<std::size_t>(c))) * s;
+#if defined(__GNUC__)
+      __asm__("" : "+x"(x));
+#endif
+      o[c] = x + m;
+    }
+  }
+}
+QPKV_INTRINSICS_WARNINGS_ON
+#endif
+
 /// Decodes one part's T x D codes, out[t * dim + c] = float(code) * scale + min (quant::decode's
 /// two roundings, so bit-identical to Affine::decode's element loop), without its outliers.
-/// Returns false (nothing written) where this path does not apply: no AVX-512 in this process,
-/// 8 % Bits != 0, dim > max_dim, a scale type other than half / float, or (Axis::channel) tokens
-/// not a multiple of the group. (qpkv_bench dequantize/kivi4/g32/t1: 3.3 GB/s with the element
-/// loop, whose per-element barrier against FMA contraction kept GCC from vectorising it; 31 GB/s.)
+/// Returns false (nothing written) where this path does not apply: neither AVX-512 nor AVX2 in
+/// this process, 8 % Bits != 0, dim > max_dim, a scale type other than half / float, or
+/// (Axis::channel) tokens not a multiple of the group. (qpkv_bench dequantize/kivi4/g32/t1: 3.3
+/// GB/s with the element loop, whose per-element barrier against FMA contraction kept GCC from
+/// vectorising it; 31 GB/s with AVX-512.)
 template <int Bits, class ScaleT>
 bool decode(const std::uint8_t* part, index_t tokens, index_t dim, index_t group, bool channel, std::size_t mins_off,
             std::size_t codes_off, std::size_t row_bytes, float* out) {
-#if defined(QPKV_CPU_AVX512_KERNELS)
+#if defined(QPKV_CPU_AVX512_KERNELS) || defined(QPKV_CPU_AVX2_KERNELS)
   if constexpr (8 % Bits == 0 && (std::is_same_v<ScaleT, half> || std::is_same_v<ScaleT, float>)) {
-    if (!cpu::avx512_usable() || dim <= 0 || dim > max_dim || group <= 0 || (channel && tokens % group != 0))
-      return false;
-    decode_part_avx512<Bits, ScaleT>(part, tokens, dim, group, channel, mins_off, codes_off, row_bytes, out);
-    return true;
+    if (dim <= 0 || dim > max_dim || group <= 0 || (channel && tokens % group != 0)) return false;
+#if defined(QPKV_CPU_AVX512_KERNELS)
+    if (cpu::avx512_usable()) {
+      decode_part_avx512<Bits, ScaleT>(part, tokens, dim, group, channel, mins_off, codes_off, row_bytes, out);
+      return true;
+    }
+#endif
+#if defined(QPKV_CPU_AVX2_KERNELS)
+    if (cpu::avx2_kernels_usable()) {
+      decode_part_avx2<Bits, ScaleT>(part, tokens, dim, group, channel, mins_off, codes_off, row_bytes, out);
+      return true;
+    }
+#endif
+    return false;
   }
 #endif
   (void)part, (void)tokens, (void)dim, (void)group, (void)channel, (void)mins_off, (void)codes_off, (void)row_bytes,
