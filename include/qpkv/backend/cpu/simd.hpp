@@ -173,20 +173,6 @@ inline int cpu_cap() {
   return cap;
 }
 
-/// Does this process run the AVX2 copy of the portable kernels (for what the AVX-512 kernels do
-/// not cover, or on a CPU without AVX-512)? Only dispatch builds below AVX2 have that copy.
-inline bool avx2_usable() {
-#if defined(QPKV_CPU_AVX2_COPY)
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return cpu_cap() >= kCapAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with AVX2 CPUs
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
 /// Can this process run the AVX2 kernels (attend_avx2.hpp)? They run where the AVX-512 ones do
 /// not (no AVX-512, or QPKV_CPU=avx2).
 inline bool avx2_kernels_usable() {
@@ -198,6 +184,17 @@ inline bool avx2_kernels_usable() {
   return ok;
 #elif defined(QPKV_CPU_AVX2_KERNELS)
   return cpu_cap() >= kCapAvx2;
+#else
+  return false;
+#endif
+}
+
+/// Does this process run the AVX2 copy of the portable kernels (for what the AVX-512 and AVX2
+/// kernels do not cover)? Only dispatch builds below AVX2 have that copy; they also have the AVX2
+/// kernels with a target attribute, under the same run-time check.
+inline bool avx2_usable() {
+#if defined(QPKV_CPU_AVX2_COPY)
+  return avx2_kernels_usable();
 #else
   return false;
 #endif
