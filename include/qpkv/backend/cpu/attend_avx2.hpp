@@ -83,10 +83,13 @@ QPKV_INLINE_AVX2 __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 QPKV_TARGET_AVX2 inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, index_t D, const Partial& p) {
   for (index_t i = 0; i < g; ++i) {
     float* x = logits + i * stride;
+    // whole vectors with plain loads and stores (AMD's vmaskmov stores are slow), the tail masked
+    const index_t nf = n / 8 * 8;
     __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (index_t t = 0; t < n; t += 8) {
-      const __m256i mk = tail8(n - t);
-      vm = _mm256_max_ps(vm, _mm256_blendv_ps(vm, _mm256_maskload_ps(x + t, mk), _mm256_castsi256_ps(mk)));
+    for (index_t t = 0; t < nf; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + t));
+    if (nf < n) {
+      const __m256i mk = tail8(n - nf);
+      vm = _mm256_max_ps(vm, _mm256_blendv_ps(vm, _mm256_maskload_ps(x + nf, mk), _mm256_castsi256_ps(mk)));
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -103,10 +106,15 @@ QPKV_TARGET_AVX2 inline void softmax_step(float* logits, index_t n, index_t stri
     }
     const __m256 vmn = _mm256_set1_ps(mnew);
     __m256 sum = _mm256_setzero_ps();
-    for (index_t t = 0; t < n; t += 8) {
-      const __m256i mk = tail8(n - t);
-      const __m256 e = _mm256_and_ps(_mm256_castsi256_ps(mk), exp_ps(_mm256_sub_ps(_mm256_maskload_ps(x + t, mk), vmn)));
-      _mm256_maskstore_ps(x + t, mk, e);
+    for (index_t t = 0; t < nf; t += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + t), vmn));
+      _mm256_storeu_ps(x + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (nf < n) {
+      const __m256i mk = tail8(n - nf);
+      const __m256 e = _mm256_and_ps(_mm256_castsi256_ps(mk), exp_ps(_mm256_sub_ps(_mm256_maskload_ps(x + nf, mk), vmn)));
+      _mm256_maskstore_ps(x + nf, mk, e);
       sum = _mm256_add_ps(sum, e);
     }
     p.l[i] += hsum(sum);
@@ -256,14 +264,21 @@ struct ValuePlan {
   index_t D = 0, G = 0, per_row = 0;
   std::vector<std::int32_t> grp_idx;  // [slice][8]
   std::vector<index_t> grp0;          // [slice] first group of the slice
+  std::vector<char> uniform;          // [slice]: all 8 lanes in group grp0
 
   ValuePlan(index_t d, index_t g) : D(d), G(g), per_row((d + g - 1) / g) {
     const index_t slices = D / U;
     grp_idx.resize(static_cast<std::size_t>(slices * 8));
     grp0.resize(static_cast<std::size_t>(slices));
+    uniform.resize(static_cast<std::size_t>(slices));
     for (index_t u = 0; u < slices; ++u) {
       grp0[u] = (u * U) / G;
-      for (index_t j = 0; j < 8; ++j) grp_idx[u * 8 + j] = static_cast<std::int32_t>((u * U + per * j) / G - grp0[u]);
+      bool same = true;
+      for (index_t j = 0; j < 8; ++j) {
+        grp_idx[u * 8 + j] = static_cast<std::int32_t>((u * U + per * j) / G - grp0[u]);
+        same = same && grp_idx[u * 8 + j] == 0;
+      }
+      uniform[u] = same;
     }
   }
 
@@ -297,42 +312,63 @@ QPKV_TARGET_AVX2 inline void value_params(const std::uint8_t* part, const Affine
 
 /// acc[i] (slice order) += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ
 /// queries at once; sf, mf: the part's scales and mins from value_params().
-template <int VB, int NQ>
-QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B,
-                                                const ValuePlan<VB>& plan, const float* p, index_t pstride, float* acc,
-                                                const float* sf, const float* mf, Prefetch& pf) {
+/// value_block() for slice u; Uni: the slice's channels lie in one value group (one broadcast
+/// scale and min per token instead of a per-lane permutation).
+template <int VB, int NQ, bool Uni>
+QPKV_TARGET_AVX2 void value_slice(const std::uint8_t* part, const AffineLayout& l, index_t B, const ValuePlan<VB>& plan,
+                                  index_t u, const float* p, index_t pstride, float* acc, const float* sf, const float* mf,
+                                  Prefetch& pf) {
   constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
   const index_t D = plan.D, per_row = plan.per_row;
   const std::uint8_t* codes = part + l.codes;
   const std::size_t row = l.row_bytes;
   const __m256i mask = _mm256_set1_epi32((1 << VB) - 1);
-  for (index_t u = 0; u < D / U; ++u) {
-    const __m256i gi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.grp_idx.data() + u * 8));
-    const index_t g0 = plan.grp0[u];
-    __m256 a[NQ][per];
-    for (int i = 0; i < NQ; ++i)
-      for (int k = 0; k < per; ++k) a[i][k] = _mm256_loadu_ps(acc + i * D + u * U + 8 * k);
-    for (index_t t = 0; t < B; ++t) {
-      pf.step();
-      const __m256 S = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sf + t * per_row + g0), gi);
-      const __m256 M = _mm256_permutevar8x32_ps(_mm256_loadu_ps(mf + t * per_row + g0), gi);
-      const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + t * row + u * 8)));
-      for (int k = 0; k < per; ++k) {
-        const __m256i c = VB == 8 ? d : _mm256_and_si256(_mm256_srli_epi32(d, k * VB), mask);
-        const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), S, M);
-        for (int i = 0; i < NQ; ++i) a[i][k] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * pstride + t), v, a[i][k]);
-      }
+  [[maybe_unused]] const __m256i gi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.grp_idx.data() + u * 8));
+  const index_t g0 = plan.grp0[u];
+  __m256 a[NQ][per];
+  for (int i = 0; i < NQ; ++i)
+    for (int k = 0; k < per; ++k) a[i][k] = _mm256_loadu_ps(acc + i * D + u * U + 8 * k);
+  for (index_t t = 0; t < B; ++t) {
+    pf.step();
+    __m256 S, M;
+    if constexpr (Uni) {
+      S = _mm256_broadcast_ss(sf + t * per_row + g0);
+      M = _mm256_broadcast_ss(mf + t * per_row + g0);
+    } else {
+      S = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sf + t * per_row + g0), gi);
+      M = _mm256_permutevar8x32_ps(_mm256_loadu_ps(mf + t * per_row + g0), gi);
     }
-    for (int i = 0; i < NQ; ++i)
-      for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
+    const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + t * row + u * 8)));
+    for (int k = 0; k < per; ++k) {
+      const __m256i c = VB == 8 ? d : _mm256_and_si256(_mm256_srli_epi32(d, k * VB), mask);
+      const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), S, M);
+      for (int i = 0; i < NQ; ++i) a[i][k] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * pstride + t), v, a[i][k]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
+}
+
+template <int VB, int NQ>
+QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B,
+                                                const ValuePlan<VB>& plan, const float* p, index_t pstride, float* acc,
+                                                const float* sf, const float* mf, Prefetch& pf) {
+  for (index_t u = 0; u < plan.D / ValuePlan<VB>::U; ++u) {
+    if (plan.uniform[u] != 0) value_slice<VB, NQ, true>(part, l, B, plan, u, p, pstride, acc, sf, mf, pf);
+    else value_slice<VB, NQ, false>(part, l, B, plan, u, p, pstride, acc, sf, mf, pf);
   }
 }
 
 /// Per key group: the queries with the group's per-channel scales folded in (qs, natural channel
 /// order) and the constant terms bias_i = sum_c q_ic (m_c + centre s_c), centre = 2^(b-1).
+/// key_tile() reads code e' of each 16-bit half of a dword in place, i.e. times 2^(b e'), to save
+/// a shift per code (see there); qs carries the inverse power of two, q_c (s_c 2^-(b e')), which
+/// is exact, so the products, and the logits, are the same floats as with shifted codes.
 template <int KB>
 struct KeyFold {
   static constexpr float centre = static_cast<float>(1 << (KB - 1));  // integer, so code - centre is exact
+  static constexpr int half = 16 / KB;  // codes per 16-bit half of a dword; e' = channel % half
+                                        // (channel groups of 8 start at a multiple of half)
   index_t g = 0, D = 0;
   const float* q = nullptr;  // the g x D pre-scaled queries
   std::vector<float> qs, bias, sf, mf;
@@ -349,9 +385,12 @@ struct KeyFold {
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
     const __m256 vc = _mm256_set1_ps(centre);
+    alignas(32) float f[8];  // 2^-(b e') of the lanes
+    for (int j = 0; j < 8; ++j) f[j] = 1.0f / static_cast<float>(1 << (KB * (j % half)));
+    const __m256 vf = _mm256_load_ps(f);
     for (index_t c = 0; c < Dn; c += 8) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + c)));
-      _mm256_storeu_ps(s_f + c, s);
+      _mm256_storeu_ps(s_f + c, _mm256_mul_ps(s, vf));  // exact: a power of two, no underflow (s >= 2^-24)
       _mm256_storeu_ps(m_f + c, _mm256_fmadd_ps(vc, s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + c)))));
     }
     float* __restrict q_s = qs.data();
@@ -383,15 +422,24 @@ struct KeyFold {
 };
 
 /// Logits of 8 tokens (code rows at `codes`, `row` bytes apart) for NQ queries starting at qi:
-/// logits[(qi + i) * lstride + t].
+/// logits[(qi + i) * lstride + t]. Code e' of a 16-bit half of a dword (the low half as is, the
+/// high half shifted down once) is masked in place and or-ed into the float 2^23, giving the
+/// float 2^23 + code 2^(b e') exactly (it stays in the 23 mantissa bits); subtracting
+/// 2^23 + centre 2^(b e') leaves (code - centre) 2^(b e'), which the query's 2^-(b e') undoes.
+/// One shift per dword instead of one per code (2 of the 8 vector operations per code and 4
+/// queries, besides the FMAs).
 template <int KB, int NQ>
 QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                                float* logits, index_t lstride, Prefetch& pf) {
-  constexpr int cpd = 32 / KB;
+  constexpr int cpd = 32 / KB, half = KeyFold<KB>::half;
   const index_t dwords = D / cpd;
-  const __m256i mask = _mm256_set1_epi32((1 << KB) - 1);
-  const __m256i magic = _mm256_set1_epi32(0x4B000000);  // 2^23 | code is the float 2^23 + code
-  const __m256 off = _mm256_set1_ps(8388608.0f + KeyFold<KB>::centre);
+  const __m256i magic = _mm256_set1_epi32(0x4B000000);  // 2^23 | x is the float 2^23 + x for x < 2^23
+  __m256i mask[half];
+  __m256 off[half];
+  for (int e = 0; e < half; ++e) {
+    mask[e] = _mm256_set1_epi32(((1 << KB) - 1) << (KB * e));
+    off[e] = _mm256_set1_ps(8388608.0f + KeyFold<KB>::centre * static_cast<float>(1 << (KB * e)));
+  }
   __m256 acc[NQ];
   for (int i = 0; i < NQ; ++i) acc[i] = _mm256_setzero_ps();
   const float* qs = f.qs.data() + qi * D;
@@ -407,11 +455,11 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
     transpose8(r);
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
-      const __m256i col = r[w];
+      const __m256i col[2] = {r[w], _mm256_srli_epi32(r[w], 16)};
       const float* qw = qs + (w0 + w) * cpd;
       for (int e = 0; e < cpd; ++e) {
-        const __m256i c = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(col, e * KB), mask), magic);
-        const __m256 x = _mm256_sub_ps(_mm256_castsi256_ps(c), off);
+        const __m256i c = _mm256_or_si256(_mm256_and_si256(col[e / half], mask[e % half]), magic);
+        const __m256 x = _mm256_sub_ps(_mm256_castsi256_ps(c), off[e % half]);
         for (int i = 0; i < NQ; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(qw + i * D + e), x, acc[i]);
       }
     }
