@@ -334,6 +334,62 @@ void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned 
 
 }  // namespace
 
+/// Encodes a few parts and checks every code against quant::encode with the stored parameters.
+template <int Bits, class S>
+void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned seed) {
+  CAPTURE(Bits);
+  CAPTURE(D);
+  CAPTURE(group);
+  Affine<Bits, S> q;
+  q.axis = axis;
+  q.group = group;
+  const AffineLayout l = q.layout(T, D);
+  const index_t parts = 3;
+  auto x = randn(static_cast<std::size_t>(parts * T * D), seed);
+  for (auto& v : x) v = to_float(to_half(v));  // fp16 grid: exact .5 ties occur
+  for (index_t i = 0; i < parts * T * D; i += 11) x[static_cast<std::size_t>(i)] *= 50.0f;
+  for (index_t t = 0; t < T; ++t)  // a constant stretch: scale 0 where a group lies inside it
+    for (index_t c = 0; c < std::min<index_t>(D, 20); ++c) x[static_cast<std::size_t>(t * D + c)] = 1.5f;
+  std::vector<std::uint8_t> buf(l.bytes * static_cast<std::size_t>(parts));
+  q.encode(x.data(), parts, T, D, buf.data(), l.bytes);
+  const std::uint32_t maxc = (1u << Bits) - 1;
+  for (index_t p = 0; p < parts; ++p) {
+    const std::uint8_t* part = buf.data() + static_cast<std::size_t>(p) * l.bytes;
+    const auto* sc = reinterpret_cast<const S*>(part + l.scales);
+    const auto* mn = reinterpret_cast<const S*>(part + l.mins);
+    bool same = true;
+    for (index_t t = 0; t < T && same; ++t)
+      for (index_t c = 0; c < D; ++c) {
+        const std::size_t g = q.group_of(t, c, D);
+        const std::uint32_t want = quant::encode(x[static_cast<std::size_t>((p * T + t) * D + c)], to_float(mn[g]),
+                                                 to_float(sc[g]), maxc);
+        const std::uint32_t got =
+            quant::unpack_one<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(c));
+        if (want != got) {
+          same = false;
+          FAIL_CHECK("code differs at part " << p << " t=" << t << " c=" << c << ": " << got << " vs " << want);
+          break;
+        }
+      }
+    CHECK(same);
+  }
+}
+
+TEST_CASE("encode's codes are quant::encode's for every width, axis, tail and group (the SIMD code loops)") {
+  // head_dim 36 / 100: tails of 4 past 32-element vectors; token groups >= 16 run the per-element
+  // loop (codes_vec), narrower ones the shared-parameter loop (codes_one); channel groups of 32
+  for (const index_t D : {16, 36, 100, 128}) {
+    check_encode_codes<4, half>(Axis::channel, 64, D, 32, 21);
+    check_encode_codes<2, half>(Axis::channel, 32, D, 16, 22);
+    check_encode_codes<8, float>(Axis::channel, 32, D, 32, 23);
+    check_encode_codes<4, half>(Axis::token, 9, D, 32, 24);
+    check_encode_codes<2, float>(Axis::token, 7, D, 16, 25);
+    check_encode_codes<8, half>(Axis::token, 5, D, 64, 26);
+    check_encode_codes<4, half>(Axis::token, 6, D, 4, 27);
+    check_encode_codes<8, half>(Axis::token, 6, D, 12, 28);
+  }
+}
+
 TEST_CASE("decode is bit-identical to the element rule for every packed width, axis, tail and scale type") {
   // head_dim 100 / 136 / 40 / 36: row tails of 4 / 8 / 8 / 4 channels for 16-lane vectors (AVX-512),
   // 4 / 0 / 0 / 4 for 8-lane ones (AVX2: QPKV_CPU=avx2); groups of 48 (not a multiple of 16) and
