@@ -216,9 +216,34 @@ inline void pack_row(const std::uint8_t* QPKV_RESTRICT codes, index_t n, std::ui
 /// Min and max of x[0..n) as the generic path's sequential `std::min`/`std::max` loop gives them
 /// (NaN ignored; of equal values the first one, which matters only for +0/-0); an empty or all-NaN
 /// range gives (0, 0).
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+/// range_of's vector loop with AVX2 (n a multiple of 8): min_ps(v, lo) is `v < lo ? v : lo` (a
+/// NaN v keeps lo), max_ps(v, hi) likewise; the reduction order matters only for +0/-0, which
+/// range_of settles afterwards.
+QPKV_TARGET_AVX2 inline void range8_avx2(const float* QPKV_RESTRICT x, index_t n, float& a, float& b) {
+  __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity()), vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (index_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vlo = _mm256_min_ps(v, vlo);
+    vhi = _mm256_max_ps(v, vhi);
+  }
+  __m128 lo = _mm_min_ps(_mm256_castps256_ps128(vlo), _mm256_extractf128_ps(vlo, 1));
+  __m128 hi = _mm_max_ps(_mm256_castps256_ps128(vhi), _mm256_extractf128_ps(vhi, 1));
+  lo = _mm_min_ps(lo, _mm_movehl_ps(lo, lo));
+  hi = _mm_max_ps(hi, _mm_movehl_ps(hi, hi));
+  a = _mm_cvtss_f32(_mm_min_ss(lo, _mm_movehdup_ps(lo)));
+  b = _mm_cvtss_f32(_mm_max_ss(hi, _mm_movehdup_ps(hi)));
+}
+#endif
+
 inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, float& hi_out) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   float a, b;
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+  if (n % 8 == 0 && cpu::avx2_kernels_usable()) {
+    range8_avx2(x, n, a, b);
+  } else
+#endif
 #if defined(QPKV_CPU_AVX512)
   if (n % 16 == 0) {  // min_ps(v, lo) is `v < lo ? v : lo` (a NaN v keeps lo), max_ps(v, hi) likewise
     __m512 vlo = _mm512_set1_ps(inf), vhi = _mm512_set1_ps(-inf);
