@@ -357,6 +357,26 @@ void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned
     const std::uint8_t* part = buf.data() + static_cast<std::size_t>(p) * l.bytes;
     const auto* sc = reinterpret_cast<const S*>(part + l.scales);
     const auto* mn = reinterpret_cast<const S*>(part + l.mins);
+    // every group's stored min and scale are minmax_params' of its sequential min / max
+    std::vector<float> glo(l.params, std::numeric_limits<float>::infinity()), ghi(l.params, -std::numeric_limits<float>::infinity());
+    for (index_t t = 0; t < T; ++t)
+      for (index_t c = 0; c < D; ++c) {
+        const std::size_t g = q.group_of(t, c, D);
+        const float v = x[static_cast<std::size_t>((p * T + t) * D + c)];
+        glo[g] = std::min(glo[g], v);
+        ghi[g] = std::max(ghi[g], v);
+      }
+    bool params_same = true;
+    for (std::size_t g = 0; g < l.params && params_same; ++g) {
+      const quant::GroupParams gp = quant::minmax_params<S>(glo[g], ghi[g], maxc);
+      const float m = to_float(mn[g]), sv = to_float(sc[g]);
+      if (float_bits(m) != float_bits(gp.min) || float_bits(sv) != float_bits(gp.scale)) {
+        params_same = false;
+        FAIL_CHECK("group " << g << " of part " << p << ": stored (" << m << ", " << sv << ") vs (" << gp.min << ", "
+                            << gp.scale << ")");
+      }
+    }
+    CHECK(params_same);
     bool same = true;
     for (index_t t = 0; t < T && same; ++t)
       for (index_t c = 0; c < D; ++c) {
@@ -375,7 +395,7 @@ void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned
   }
 }
 
-TEST_CASE("encode's codes are quant::encode's for every width, axis, tail and group (the SIMD code loops)") {
+TEST_CASE("encode's parameters are minmax_params' and its codes quant::encode's for every width, axis, tail and group") {
   // head_dim 36 / 100: tails of 4 past 32-element vectors; token groups >= 16 run the per-element
   // loop (codes_vec), narrower ones the shared-parameter loop (codes_one); channel groups of 32
   for (const index_t D : {16, 36, 100, 128}) {
@@ -387,6 +407,8 @@ TEST_CASE("encode's codes are quant::encode's for every width, axis, tail and gr
     check_encode_codes<8, half>(Axis::token, 5, D, 64, 26);
     check_encode_codes<4, half>(Axis::token, 6, D, 4, 27);
     check_encode_codes<8, half>(Axis::token, 6, D, 12, 28);
+    check_encode_codes<4, bfloat16>(Axis::token, 6, D, 32, 29);
+    check_encode_codes<2, bfloat16>(Axis::channel, 32, D, 32, 30);
   }
 }
 

@@ -16,6 +16,7 @@
 // is computed by one thread with the same code, so the result does not depend on the thread count.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -93,9 +94,9 @@ inline float storage_value(std::uint32_t b) {
 /// smn/ssc. Returns false when any is not finite (the caller then takes the generic path, which
 /// throws the generic error).
 template <class ScaleT>
-inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi, index_t n, std::uint32_t maxc,
-                   float* QPKV_RESTRICT mn, float* QPKV_RESTRICT sc, ScaleT* QPKV_RESTRICT smn,
-                   ScaleT* QPKV_RESTRICT ssc) {
+QPKV_ALWAYS_INLINE bool params_body(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi, index_t n,
+                                    std::uint32_t maxc, float* QPKV_RESTRICT mn, float* QPKV_RESTRICT sc,
+                                    ScaleT* QPKV_RESTRICT smn, ScaleT* QPKV_RESTRICT ssc) {
   const float fmaxc = static_cast<float>(maxc);
   std::uint32_t bad = 0;
   if constexpr (std::is_same_v<ScaleT, float>) {
@@ -133,6 +134,27 @@ inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi,
     }
   }
   return bad == 0;
+}
+
+#if defined(QPKV_CPU_AVX2_DISPATCH)
+/// params_body compiled for AVX2 as well, where the build's target lacks it: GCC vectorizes its
+/// branch-free loop 8 groups at a time there (integer and float selects, no FMA pattern in it).
+template <class ScaleT>
+QPKV_TARGET_AVX2 bool params_avx2(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi, index_t n,
+                                  std::uint32_t maxc, float* QPKV_RESTRICT mn, float* QPKV_RESTRICT sc,
+                                  ScaleT* QPKV_RESTRICT smn, ScaleT* QPKV_RESTRICT ssc) {
+  return params_body<ScaleT>(lo, hi, n, maxc, mn, sc, smn, ssc);
+}
+#endif
+
+template <class ScaleT>
+inline bool params(const float* QPKV_RESTRICT lo, const float* QPKV_RESTRICT hi, index_t n, std::uint32_t maxc,
+                   float* QPKV_RESTRICT mn, float* QPKV_RESTRICT sc, ScaleT* QPKV_RESTRICT smn,
+                   ScaleT* QPKV_RESTRICT ssc) {
+#if defined(QPKV_CPU_AVX2_DISPATCH)
+  if (cpu::avx2_kernels_usable()) return params_avx2<ScaleT>(lo, hi, n, maxc, mn, sc, smn, ssc);
+#endif
+  return params_body<ScaleT>(lo, hi, n, maxc, mn, sc, smn, ssc);
 }
 
 /// quant::encode(x, min, scale, maxc) with round-half-even through the 2^23 add; v is clamped to
@@ -291,6 +313,35 @@ inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, flo
   hi_out = b;
 }
 
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+/// The per-channel running min / max down a group's rows (dim a multiple of 8), in blocks of 32
+/// channels held in registers: min_ps(v, lo) is `v < lo ? v : lo` and max_ps(v, hi) is
+/// `hi < v ? v : hi`, the scalar loop's selects, element for element and in row order.
+QPKV_TARGET_AVX2 inline void channel_range_avx2(const float* QPKV_RESTRICT xg, index_t group, index_t dim,
+                                                float* QPKV_RESTRICT lo, float* QPKV_RESTRICT hi) {
+  for (index_t c0 = 0; c0 < dim; c0 += 32) {
+    const index_t nv = std::min<index_t>(4, (dim - c0) / 8);
+    __m256 l[4], h[4];
+    for (int k = 0; k < 4; ++k) {
+      l[k] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+      h[k] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    }
+    for (index_t t = 0; t < group; ++t) {
+      const float* r = xg + t * dim + c0;
+      for (index_t k = 0; k < nv; ++k) {
+        const __m256 v = _mm256_loadu_ps(r + 8 * k);
+        l[k] = _mm256_min_ps(v, l[k]);
+        h[k] = _mm256_max_ps(v, h[k]);
+      }
+    }
+    for (index_t k = 0; k < nv; ++k) {
+      _mm256_storeu_ps(lo + c0 + 8 * k, l[k]);
+      _mm256_storeu_ps(hi + c0 + 8 * k, h[k]);
+    }
+  }
+}
+#endif
+
 /// One part along Axis::channel (tokens a multiple of group, dim <= max_dim). Returns false if a
 /// group's parameters are not storable.
 template <int Bits, class ScaleT>
@@ -305,16 +356,23 @@ bool encode_part_channel(const float* QPKV_RESTRICT x, index_t tokens, index_t d
   alignas(64) std::uint8_t codes[max_dim];
   for (index_t gt = 0; gt < tokens / group; ++gt) {
     const float* xg = x + gt * group * dim;
-    for (index_t c = 0; c < dim; ++c) {
-      lo[c] = inf;
-      hi[c] = -inf;
-    }
-    for (index_t t = 0; t < group; ++t) {
-      const float* QPKV_RESTRICT r = xg + t * dim;
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+    if (dim % 8 == 0 && cpu::avx2_kernels_usable()) {
+      channel_range_avx2(xg, group, dim, lo, hi);
+    } else
+#endif
+    {
       for (index_t c = 0; c < dim; ++c) {
-        const float v = r[c];
-        lo[c] = v < lo[c] ? v : lo[c];
-        hi[c] = hi[c] < v ? v : hi[c];
+        lo[c] = inf;
+        hi[c] = -inf;
+      }
+      for (index_t t = 0; t < group; ++t) {
+        const float* QPKV_RESTRICT r = xg + t * dim;
+        for (index_t c = 0; c < dim; ++c) {
+          const float v = r[c];
+          lo[c] = v < lo[c] ? v : lo[c];
+          hi[c] = hi[c] < v ? v : hi[c];
+        }
       }
     }
     for (index_t c = 0; c < dim; ++c) {
