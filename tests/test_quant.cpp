@@ -289,7 +289,43 @@ TEST_CASE("fast::range_of equals the sequential min/max, signed zeros and NaN in
 
 namespace {
 
-/// Affine::decode (the AVX-512 path where this process has it) against the element rule
+/// Three parts of Affine<Bits, S> codes of x (3 x T x D floats), with element accessors.
+template <int Bits, class S>
+struct Encoded {
+  static constexpr index_t parts = 3;
+  Affine<Bits, S> q;
+  AffineLayout l;
+  index_t T, D;
+  std::vector<std::uint8_t> buf;
+  Encoded(Axis axis, index_t T_, index_t D_, index_t group, const std::vector<float>& x) : T(T_), D(D_) {
+    q.axis = axis;
+    q.group = group;
+    l = q.layout(T, D);
+    buf.resize(l.bytes * static_cast<std::size_t>(parts));
+    q.encode(x.data(), parts, T, D, buf.data(), l.bytes);
+  }
+  [[nodiscard]] const std::uint8_t* part(index_t p) const { return buf.data() + static_cast<std::size_t>(p) * l.bytes; }
+  [[nodiscard]] float scale(index_t p, std::size_t g) const { return to_float(reinterpret_cast<const S*>(part(p) + l.scales)[g]); }
+  [[nodiscard]] float min(index_t p, std::size_t g) const { return to_float(reinterpret_cast<const S*>(part(p) + l.mins)[g]); }
+  [[nodiscard]] std::uint32_t code(index_t p, index_t t, index_t c) const {
+    return quant::unpack_one<Bits>(part(p) + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(c));
+  }
+};
+
+/// True when ok(t, c) holds for every element of a T x D part; else one failed check naming the
+/// first element that does not (msg(t, c)).
+template <class Ok, class Msg>
+bool every_element(index_t T, index_t D, Ok&& ok, Msg&& msg) {
+  for (index_t t = 0; t < T; ++t)
+    for (index_t c = 0; c < D; ++c)
+      if (!ok(t, c)) {
+        FAIL_CHECK(msg(t, c));
+        return false;
+      }
+  return true;
+}
+
+/// Affine::decode (the AVX-512 or AVX2 path where this process has it) against the element rule
 /// quant::decode(unpack_one) computed here, bit for bit, over a few parts of one buffer.
 template <int Bits, class S>
 void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned seed) {
@@ -298,102 +334,74 @@ void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned 
   CAPTURE(T);
   CAPTURE(D);
   CAPTURE(group);
-  Affine<Bits, S> q;
-  q.axis = axis;
-  q.group = group;
-  const AffineLayout l = q.layout(T, D);
-  const index_t parts = 3;
-  auto x = randn(static_cast<std::size_t>(parts * T * D), seed);
-  for (index_t i = 0; i < parts * T * D; i += 7) x[static_cast<std::size_t>(i)] *= 9.0f;  // wide groups
-  std::vector<std::uint8_t> buf(l.bytes * static_cast<std::size_t>(parts));
-  q.encode(x.data(), parts, T, D, buf.data(), l.bytes);
-  for (index_t p = 0; p < parts; ++p) {
-    const std::uint8_t* part = buf.data() + static_cast<std::size_t>(p) * l.bytes;
-    const auto* sc = reinterpret_cast<const S*>(part + l.scales);
-    const auto* mn = reinterpret_cast<const S*>(part + l.mins);
+  auto x = randn(static_cast<std::size_t>(3 * T * D), seed);
+  for (std::size_t i = 0; i < x.size(); i += 7) x[i] *= 9.0f;  // wide groups
+  const Encoded<Bits, S> e(axis, T, D, group, x);
+  for (index_t p = 0; p < e.parts; ++p) {
     std::vector<float> y(static_cast<std::size_t>(T * D) + 1, -7.0f);
-    q.decode(part, T, D, y.data());
+    e.q.decode(e.part(p), T, D, y.data());
     CHECK(y.back() == -7.0f);  // nothing written past T x D
-    bool same = true;
-    for (index_t t = 0; t < T && same; ++t)
-      for (index_t c = 0; c < D; ++c) {
-        const std::size_t g = q.group_of(t, c, D);
-        const float want = quant::decode(quant::unpack_one<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes,
-                                                                 static_cast<std::size_t>(c)),
-                                         to_float(mn[g]), to_float(sc[g]));
-        if (float_bits(want) != float_bits(y[static_cast<std::size_t>(t * D + c)])) {
-          same = false;
-          FAIL_CHECK("decode differs at t=" << t << " c=" << c << ": " << y[static_cast<std::size_t>(t * D + c)]
-                                            << " vs " << want);
-          break;
-        }
-      }
-    CHECK(same);
+    const auto want = [&](index_t t, index_t c) {
+      const std::size_t g = e.q.group_of(t, c, D);
+      return quant::decode(e.code(p, t, c), e.min(p, g), e.scale(p, g));
+    };
+    const auto got = [&](index_t t, index_t c) { return y[static_cast<std::size_t>(t * D + c)]; };
+    CHECK(every_element(
+        T, D, [&](index_t t, index_t c) { return float_bits(want(t, c)) == float_bits(got(t, c)); },
+        [&](index_t t, index_t c) {
+          return doctest::String("decode differs at t=") + doctest::toString(t) + " c=" + doctest::toString(c) + ": " +
+                 doctest::toString(got(t, c)) + " vs " + doctest::toString(want(t, c));
+        }));
   }
 }
 
-}  // namespace
-
-/// Encodes a few parts and checks every code against quant::encode with the stored parameters.
+/// Encodes a few parts; every group's stored min and scale must be minmax_params' of its
+/// sequential min / max, and every code quant::encode's with those parameters.
 template <int Bits, class S>
 void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned seed) {
   CAPTURE(Bits);
   CAPTURE(D);
   CAPTURE(group);
-  Affine<Bits, S> q;
-  q.axis = axis;
-  q.group = group;
-  const AffineLayout l = q.layout(T, D);
-  const index_t parts = 3;
-  auto x = randn(static_cast<std::size_t>(parts * T * D), seed);
+  auto x = randn(static_cast<std::size_t>(3 * T * D), seed);
   for (auto& v : x) v = to_float(to_half(v));  // fp16 grid: exact .5 ties occur
-  for (index_t i = 0; i < parts * T * D; i += 11) x[static_cast<std::size_t>(i)] *= 50.0f;
+  for (std::size_t i = 0; i < x.size(); i += 11) x[i] *= 50.0f;
   for (index_t t = 0; t < T; ++t)  // a constant stretch: scale 0 where a group lies inside it
     for (index_t c = 0; c < std::min<index_t>(D, 20); ++c) x[static_cast<std::size_t>(t * D + c)] = 1.5f;
-  std::vector<std::uint8_t> buf(l.bytes * static_cast<std::size_t>(parts));
-  q.encode(x.data(), parts, T, D, buf.data(), l.bytes);
+  const Encoded<Bits, S> e(axis, T, D, group, x);
   const std::uint32_t maxc = (1u << Bits) - 1;
-  for (index_t p = 0; p < parts; ++p) {
-    const std::uint8_t* part = buf.data() + static_cast<std::size_t>(p) * l.bytes;
-    const auto* sc = reinterpret_cast<const S*>(part + l.scales);
-    const auto* mn = reinterpret_cast<const S*>(part + l.mins);
-    // every group's stored min and scale are minmax_params' of its sequential min / max
-    std::vector<float> glo(l.params, std::numeric_limits<float>::infinity()), ghi(l.params, -std::numeric_limits<float>::infinity());
+  for (index_t p = 0; p < e.parts; ++p) {
+    const auto xv = [&](index_t t, index_t c) { return x[static_cast<std::size_t>((p * T + t) * D + c)]; };
+    std::vector<float> glo(e.l.params, std::numeric_limits<float>::infinity()), ghi(e.l.params, -std::numeric_limits<float>::infinity());
     for (index_t t = 0; t < T; ++t)
       for (index_t c = 0; c < D; ++c) {
-        const std::size_t g = q.group_of(t, c, D);
-        const float v = x[static_cast<std::size_t>((p * T + t) * D + c)];
-        glo[g] = std::min(glo[g], v);
-        ghi[g] = std::max(ghi[g], v);
+        const std::size_t g = e.q.group_of(t, c, D);
+        glo[g] = std::min(glo[g], xv(t, c));
+        ghi[g] = std::max(ghi[g], xv(t, c));
       }
     bool params_same = true;
-    for (std::size_t g = 0; g < l.params && params_same; ++g) {
+    for (std::size_t g = 0; g < e.l.params && params_same; ++g) {
       const quant::GroupParams gp = quant::minmax_params<S>(glo[g], ghi[g], maxc);
-      const float m = to_float(mn[g]), sv = to_float(sc[g]);
-      if (float_bits(m) != float_bits(gp.min) || float_bits(sv) != float_bits(gp.scale)) {
-        params_same = false;
-        FAIL_CHECK("group " << g << " of part " << p << ": stored (" << m << ", " << sv << ") vs (" << gp.min << ", "
-                            << gp.scale << ")");
-      }
+      params_same = float_bits(e.min(p, g)) == float_bits(gp.min) && float_bits(e.scale(p, g)) == float_bits(gp.scale);
+      if (!params_same)
+        FAIL_CHECK("group " << g << " of part " << p << ": stored (" << e.min(p, g) << ", " << e.scale(p, g) << ") vs ("
+                            << gp.min << ", " << gp.scale << ")");
     }
     CHECK(params_same);
-    bool same = true;
-    for (index_t t = 0; t < T && same; ++t)
-      for (index_t c = 0; c < D; ++c) {
-        const std::size_t g = q.group_of(t, c, D);
-        const std::uint32_t want = quant::encode(x[static_cast<std::size_t>((p * T + t) * D + c)], to_float(mn[g]),
-                                                 to_float(sc[g]), maxc);
-        const std::uint32_t got =
-            quant::unpack_one<Bits>(part + l.codes + static_cast<std::size_t>(t) * l.row_bytes, static_cast<std::size_t>(c));
-        if (want != got) {
-          same = false;
-          FAIL_CHECK("code differs at part " << p << " t=" << t << " c=" << c << ": " << got << " vs " << want);
-          break;
-        }
-      }
-    CHECK(same);
+    const auto want = [&](index_t t, index_t c) {
+      const std::size_t g = e.q.group_of(t, c, D);
+      return quant::encode(xv(t, c), e.min(p, g), e.scale(p, g), maxc);
+    };
+    CHECK(every_element(
+        T, D, [&](index_t t, index_t c) { return e.code(p, t, c) == want(t, c); },
+        [&](index_t t, index_t c) {
+          return doctest::String("code differs at part ") + doctest::toString(p) + " t=" + doctest::toString(t) +
+                 " c=" + doctest::toString(c) + ": " + doctest::toString(e.code(p, t, c)) + " vs " +
+                 doctest::toString(want(t, c));
+        }));
   }
 }
+
+}  // namespace
 
 TEST_CASE("encode's parameters are minmax_params' and its codes quant::encode's for every width, axis, tail and group") {
   // head_dim 36 / 100: tails of 4 past 32-element vectors; token groups >= 16 run the per-element
