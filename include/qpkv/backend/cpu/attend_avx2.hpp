@@ -8,10 +8,12 @@
 //  - KIVI keys (per-channel groups): 8 tokens at a time, their packed code rows transposed as 8x8
 //    dwords so each lane is one token; per key group the channel scales are folded into the query
 //    once (q.k = sum_c (q_c s_c)(code_c - 2^(b-1)) + sum_c q_c (m_c + 2^(b-1) s_c)), the centred
-//    codes made floats exactly with the 2^23 trick, float FMAs with tokens in lanes;
+//    codes made floats exactly with the 2^23 trick, read in place within 16-bit spans of a dword
+//    (the span's power of two carried by the query, exactly), float FMAs with tokens in lanes;
 //  - KIVI values (per-token groups): each 8-byte slice of a code row widened once to 8 dwords,
 //    shifted into the 8/b code vectors (lane j of vector k = channel (8/b) j + k), dequantized
-//    with the token's scale and min per lane and accumulated for a tile of queries. The
+//    with the token's scale and min (broadcast where the slice lies in one group, else permuted
+//    per lane) and accumulated for a tile of queries. The
 //    accumulators stay in that slice order for the whole work item (the online-softmax rescaling
 //    is per element) and are put back in channel order once, at its end;
 //  - fp16 rows (Fp16 caches, every cache's residual): F16C conversion, 4 queries per key row;
