@@ -257,6 +257,9 @@ class CompressedKV {
     DenseKV d{H, N, D, std::vector<float>(static_cast<std::size_t>(H * N * D)), std::vector<float>(static_cast<std::size_t>(H * N * D))};
     // blocks in parallel (each writes its own rows; the result does not depend on the thread count)
     const index_t nb = H * blocks_;
+    // decode's SIMD choice reads QPKV_CPU: first here, so that a bad value throws on this thread
+    // (an exception leaving the parallel region would terminate the process)
+    (void)cpu::cpu_cap();
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (nb > 1 && nb * B * D >= quant::fast::parallel_elements)
 #endif

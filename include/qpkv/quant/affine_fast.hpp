@@ -457,6 +457,9 @@ bool encode(const float* src, index_t parts, index_t tokens, index_t dim, index_
     if (!good) ok.store(false, std::memory_order_relaxed);
   };
 #if defined(_OPENMP)
+  // the code loops ask cpu::avx2_kernels_usable(); QPKV_CPU is read here first, so that a bad
+  // value throws on the calling thread (an exception leaving a parallel region terminates)
+  (void)cpu::cpu_cap();
   const bool parallel = parts > 1 && parts * tokens * dim >= parallel_elements;
 #pragma omp parallel for schedule(dynamic, 8) if (parallel)
   for (index_t p = 0; p < parts; ++p) one(p);
