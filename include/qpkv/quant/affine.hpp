@@ -31,23 +31,26 @@ QPKV_HD std::uint32_t encode(float x, float min, float scale, std::uint32_t maxc
   return static_cast<std::uint32_t>(std::nearbyint(v));
 }
 
-/// x' = code * scale + min (two separately rounded float32 operations, as KIVI does).
-QPKV_HD float decode(std::uint32_t code, float min, float scale) {
+/// a * b rounded to float32 before whatever the caller adds to it. GCC contracts a*b + c into
+/// one FMA (a single rounding) whenever the target has FMA (-march=native, -mfma), in C++ under
+/// -std=c++20 as well as gnu++20, and nvcc does by default; the references (KIVI's and hqq's
+/// torch code) round the product and the sum separately. An empty asm keeps the product rounded.
+QPKV_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  // nvcc contracts a*b + c into one FMA by default; the CPU rounds twice, so must the device
-  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);
+  return __fmul_rn(a, b);
 #else
-  float p = static_cast<float>(code) * scale;
-  // GCC in GNU modes (-std=gnu++*, CMake's default) contracts a*b + c into one FMA whenever the
-  // target has FMA (-march=native), which rounds once; an empty asm keeps the product rounded.
+  float p = a * b;
 #if defined(__GNUC__) && defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
   __asm__("" : "+x"(p));
 #elif defined(__GNUC__) && defined(__aarch64__)
   __asm__("" : "+w"(p));
 #endif
-  return p + min;
+  return p;
 #endif
 }
+
+/// x' = code * scale + min (two separately rounded float32 operations, as KIVI does).
+QPKV_HD float decode(std::uint32_t code, float min, float scale) { return mul_rn(static_cast<float>(code), scale) + min; }
 
 /// The largest value of storage type T that is <= f (f itself when representable).
 template <ScaleStorage T>

@@ -47,7 +47,7 @@ inline HqqGroup hqq_init(float lo, float hi, std::uint32_t maxc) {
 }
 
 QPKV_HD std::uint32_t hqq_encode(float x, const HqqGroup& g, std::uint32_t maxc) {
-  float v = std::nearbyint(x * g.inv + g.zero);
+  float v = std::nearbyint(mul_rn(x, g.inv) + g.zero);  // torch: two roundings (affine.hpp)
   v = v < 0.0f ? 0.0f : v;
   const float hi = static_cast<float>(maxc);
   return static_cast<std::uint32_t>(v > hi ? hi : v);
@@ -72,9 +72,9 @@ int hqq_optimize(std::vector<HqqGroup>& groups, ForEach&& for_each, std::uint32_
         const float wr = (wq - g.zero) / g.inv;
         const float e = w - wr;
         const float ae = std::fabs(e);
-        const float shrunk = ae - (1.0f / p.beta) * std::pow(ae + 1e-8f, p.lp_norm - 1.0f);
+        const float shrunk = ae - mul_rn(1.0f / p.beta, std::pow(ae + 1e-8f, p.lp_norm - 1.0f));
         const float we = shrunk > 0.0f ? std::copysign(shrunk, e) : 0.0f;
-        zsum += wq - (w - we) * g.inv;
+        zsum += wq - mul_rn(w - we, g.inv);
         err_sum += std::fabs(e);
         ++n;
         ++count;
