@@ -20,10 +20,11 @@
 // Kernels: where the AVX-512 kernels are usable (compiled for the target, or chosen at run time
 // on a CPU that has AVX-512 + VNNI: simd.hpp), KIVI-layout caches (per-channel Affine keys,
 // per-token Affine values, fp16 scales, no outliers; 2/4/8 bits) and Fp16 caches run the kernels
-// of attend_avx512.hpp; everything else runs the portable C++ kernels of attend_portable.inl,
-// which compilers vectorize for the build's target (and, in x86-64 dispatch builds, a second copy
-// for AVX2 chosen at run time). AttendPrecision::fast selects the VNNI integer products
-// (precision.hpp).
+// of attend_avx512.hpp; where those do not run (no AVX-512, QPKV_CPU=avx2, shapes they do not
+// cover) the same layouts run the AVX2 kernels of attend_avx2.hpp where the CPU has AVX2 + FMA;
+// everything else runs the portable C++ kernels of attend_portable.inl, which compilers vectorize
+// for the build's target (and, in x86-64 dispatch builds, a second copy for AVX2 chosen at run
+// time). AttendPrecision::fast selects the VNNI integer products (precision.hpp).
 #pragma once
 
 #include <algorithm>
@@ -117,7 +118,8 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   if (!avx512_usable()) kernel = Kernel::portable;  // run-time dispatch on a CPU without AVX-512 (simd.hpp)
 #endif
 #if defined(QPKV_CPU_AVX2_KERNELS)
-  // no AVX-512 (or QPKV_CPU=avx2): the AVX2 kernels where they apply
+  // no AVX-512 kernel for this call (no AVX-512, QPKV_CPU=avx2, or a shape only the 8-lane
+  // kernels cover, e.g. key groups of 8): the AVX2 kernels where they apply
   if (kernel == Kernel::portable && avx2_kernels_usable() && (st.residual == 0 || avx2::fp16_supported(D))) {
     if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
       kl = kq.layout(B, D);
