@@ -235,9 +235,6 @@ inline void pack_row(const std::uint8_t* QPKV_RESTRICT codes, index_t n, std::ui
   else pack<Bits>(codes, static_cast<std::size_t>(n), dst);
 }
 
-/// Min and max of x[0..n) as the generic path's sequential `std::min`/`std::max` loop gives them
-/// (NaN ignored; of equal values the first one, which matters only for +0/-0); an empty or all-NaN
-/// range gives (0, 0).
 #if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
 /// range_of's vector loop with AVX2 (n a multiple of 8): min_ps(v, lo) is `v < lo ? v : lo` (a
 /// NaN v keeps lo), max_ps(v, hi) likewise; the reduction order matters only for +0/-0, which
@@ -258,6 +255,9 @@ QPKV_TARGET_AVX2 inline void range8_avx2(const float* QPKV_RESTRICT x, index_t n
 }
 #endif
 
+/// Min and max of x[0..n) as the generic path's sequential `std::min`/`std::max` loop gives them
+/// (NaN ignored; of equal values the first one, which matters only for +0/-0); an empty or all-NaN
+/// range gives (0, 0).
 inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, float& hi_out) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   float a, b;
