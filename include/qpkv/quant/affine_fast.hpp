@@ -471,6 +471,17 @@ bool encode(const float* src, index_t parts, index_t tokens, index_t dim, index_
 
 // ---- decode ----------------------------------------------------------------------------------
 
+/// Row t's parameters along Axis::token spread per channel (sf[c], mf[c]: those of c's group),
+/// for the decode paths whose vectors are not inside one group.
+template <class ScaleT>
+inline void token_row_params(const ScaleT* sc, const ScaleT* mn, index_t t, index_t dim, index_t group, float* sf, float* mf) {
+  const index_t per_row = (dim + group - 1) / group;
+  for (index_t c = 0; c < dim; ++c) {
+    sf[c] = to_float(sc[t * per_row + c / group]);
+    mf[c] = to_float(mn[t * per_row + c / group]);
+  }
+}
+
 #if defined(QPKV_CPU_AVX512_KERNELS)
 QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
 /// The dwords of 16 codes of a packed row (pack.hpp's layout, 8 % Bits == 0), codes c .. c + 15
@@ -526,10 +537,7 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
         _mm512_store_ps(mf + c, params16(mn + base + c, dim - c));
       }
     } else if (!channel && !broadcast) {
-      for (index_t c = 0; c < dim; ++c) {
-        sf[c] = to_float(sc[t * per_row + c / group]);
-        mf[c] = to_float(mn[t * per_row + c / group]);
-      }
+      token_row_params(sc, mn, t, dim, group, sf, mf);
     }
     for (index_t c = 0; c < dim; c += 16) {
       __m512 s, m;
@@ -583,13 +591,14 @@ QPKV_TARGET_AVX2 void decode_part_avx2(const std::uint8_t* part, index_t tokens,
   for (index_t t = 0; t < tokens; ++t) {
     const std::uint8_t* row = part + codes_off + static_cast<std::size_t>(t) * row_bytes;
     float* o = out + t * dim;
-    if (channel ? t % group == 0 : !broadcast) {
-      const std::size_t base = channel ? static_cast<std::size_t>((t / group) * dim) : 0;
+    if (channel && t % group == 0) {
+      const index_t base = (t / group) * dim;
       for (index_t c = 0; c < dim; ++c) {
-        const std::size_t at = channel ? base + static_cast<std::size_t>(c) : static_cast<std::size_t>(t * per_row + c / group);
-        sf[c] = to_float(sc[at]);
-        mf[c] = to_float(mn[at]);
+        sf[c] = to_float(sc[base + c]);
+        mf[c] = to_float(mn[base + c]);
       }
+    } else if (!channel && !broadcast) {
+      token_row_params(sc, mn, t, dim, group, sf, mf);
     }
     for (index_t c = 0; c < full; c += 8) {
       __m256 s, m;

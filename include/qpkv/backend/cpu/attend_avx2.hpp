@@ -46,22 +46,22 @@ QPKV_INLINE_AVX2 __m256i tail8(index_t n) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/// e^x for x <= 0 (the Cephes expf polynomial of the AVX-512 kernels, about 1 ulp); x below
+/// e^x for x <= 0 (the Cephes expf polynomial, simd.hpp's exp_poly, about 1 ulp); x below
 /// -87.3 gives 0.
 QPKV_INLINE_AVX2 __m256 exp_ps(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_max_ps(x, lo);
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(exp_poly::log2e)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(exp_poly::ln2_hi), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(exp_poly::ln2_lo), x);
+  __m256 y = _mm256_set1_ps(exp_poly::p0);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(exp_poly::p1));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(exp_poly::p2));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(exp_poly::p3));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(exp_poly::p4));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(exp_poly::p5));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   // 2^fx with fx in [-126, 0] (x >= -87.3): a normal float, so y * 2^fx rounds once, as scalef does
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
@@ -312,8 +312,6 @@ QPKV_TARGET_AVX2 inline void value_params(const std::uint8_t* part, const Affine
   }
 }
 
-/// acc[i] (slice order) += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ
-/// queries at once; sf, mf: the part's scales and mins from value_params().
 /// value_block() for slice u; Uni: the slice's channels lie in one value group (one broadcast
 /// scale and min per token instead of a per-lane permutation).
 template <int VB, int NQ, bool Uni>
@@ -351,6 +349,8 @@ QPKV_TARGET_AVX2 void value_slice(const std::uint8_t* part, const AffineLayout& 
     for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
 }
 
+/// acc[i] (slice order) += sum_t p[i][t] * v_t for the B tokens of a per-token value part, NQ
+/// queries at once; sf, mf: the part's scales and mins from value_params().
 template <int VB, int NQ>
 QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const AffineLayout& l, index_t B,
                                                 const ValuePlan<VB>& plan, const float* p, index_t pstride, float* acc,
@@ -363,8 +363,8 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const 
 
 /// Per key group: the queries with the group's per-channel scales folded in (qs, natural channel
 /// order) and the constant terms bias_i = sum_c q_ic (m_c + centre s_c), centre = 2^(b-1).
-/// key_tile() reads code e' of each 16-bit half of a dword in place, i.e. times 2^(b e'), to save
-/// a shift per code (see there); qs carries the inverse power of two, q_c (s_c 2^-(b e')), which
+/// key_tile() reads code e' of each span of a dword in place, i.e. times 2^(b e'), to save a
+/// shift per code (see there); qs carries the inverse power of two, q_c (s_c 2^-(b e')), which
 /// is exact, so the products, and the logits, are the same floats as with shifted codes.
 template <int KB>
 struct KeyFold {
@@ -426,8 +426,8 @@ struct KeyFold {
 };
 
 /// Logits of 8 tokens (code rows at `codes`, `row` bytes apart) for NQ queries starting at qi:
-/// logits[(qi + i) * lstride + t]. Code e' of a 16-bit span of a dword (8-bit for 2-bit codes;
-/// the lowest span as is, the others shifted down once) is masked in place and or-ed into the
+/// logits[(qi + i) * lstride + t]. Code e' of a 16-bit span of a dword (2-bit codes: spans of
+/// one code; the lowest span as is, the others shifted down once) is masked in place and or-ed into the
 /// float 2^23, giving the float 2^23 + code 2^(b e') exactly (it stays in the 23 mantissa bits);
 /// subtracting 2^23 + centre 2^(b e') leaves (code - centre) 2^(b e'), which the query's
 /// 2^-(b e') undoes. One shift per span instead of one per code. 4K tokens, 1 thread, -mavx2
@@ -477,17 +477,6 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
     _mm256_storeu_ps(logits + (qi + i) * lstride, _mm256_add_ps(acc[i], _mm256_set1_ps(f.bias[qi + i])));
 }
 
-/// Query tiles of 4, 2, 1 (values of 2-bit codes: 2, 1, so that 4 code vectors x the tile's
-/// accumulators fit the 16 registers) over the g queries.
-template <int Max, class Fn4, class Fn2, class Fn1>
-inline void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
-  index_t i = 0;
-  if constexpr (Max >= 4)
-    for (; i + 4 <= g; i += 4) f4(i);
-  for (; i + 2 <= g; i += 2) f2(i);
-  for (; i < g; ++i) f1(i);
-}
-
 /// One work item over a KIVI cache: blocks [b0, b1) of head h, then the residual if asked.
 template <int KB, int VB>
 QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout& vl, index_t key_group,
@@ -495,7 +484,7 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
                                 const Partial& p) {
   const CacheLayout& L = st.layout;
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
-  constexpr int kValueTile = VB == 2 ? 2 : 4;
+  constexpr int kValueTile = VB == 2 ? 2 : 4;  // 2-bit: 4 code vectors x the tile's accumulators in 16 registers
   std::vector<float> logits(static_cast<std::size_t>(g * B));
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 8)), mf(sf.size());
   KeyFold<KB> fold(g, D, q);

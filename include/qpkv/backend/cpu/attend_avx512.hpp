@@ -54,16 +54,16 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   x = _mm512_max_ps(x, lo);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(exp_poly::log2e)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(exp_poly::ln2_hi), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(exp_poly::ln2_lo), x);
+  __m512 y = _mm512_set1_ps(exp_poly::p0);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(exp_poly::p1));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(exp_poly::p2));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(exp_poly::p3));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(exp_poly::p4));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(exp_poly::p5));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, fx));
 }
@@ -77,15 +77,7 @@ QPKV_INLINE __m512 exp_ps(__m512 x) {
 /// cache-resident (2K: 0.58 -> 0.56 ms) but slower at 32K (4.87 -> 5.27 ms).
 inline constexpr index_t kPassTokens = 128;
 
-/// Query tiles of 4, 2, 1 over the g queries.
-template <class Fn4, class Fn2, class Fn1>
-inline QPKV_TARGET void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
-  index_t i = 0;
-  for (; i + 4 <= g; i += 4) f4(i);
-  for (; i + 2 <= g; i += 2) f2(i);
-  for (; i < g; ++i) f1(i);
-}
-
+// for_query_tiles: simd.hpp.
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
 /// rescales acc[i] and l[i] by e^(m_old - m_new) and turns the logits into weights in place.

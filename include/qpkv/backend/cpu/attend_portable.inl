@@ -103,20 +103,20 @@ inline float max(const float* x, index_t n) {
   return m;
 }
 
-/// e^x for x <= 0, branch-free (the Cephes expf polynomial of the AVX-512 kernel, about 1 ulp);
+/// e^x for x <= 0, branch-free (the Cephes expf polynomial, simd.hpp's exp_poly, about 1 ulp);
 /// below -87.3 it gives 0, NaN stays NaN. The argument of the int conversion is always in range
 /// (NaN and anything above 88 are clamped first: converting them would be undefined).
 inline float exp_neg(float x) {
   const float xc = x >= -87.3f ? (x <= 88.0f ? x : 88.0f) : -87.3f;  // NaN -> -87.3
-  const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  const float fx = (xc * exp_poly::log2e + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - fx * exp_poly::ln2_hi;
+  r = r - fx * exp_poly::ln2_lo;
+  float y = exp_poly::p0;
+  y = y * r + exp_poly::p1;
+  y = y * r + exp_poly::p2;
+  y = y * r + exp_poly::p3;
+  y = y * r + exp_poly::p4;
+  y = y * r + exp_poly::p5;
   y = y * (r * r) + (r + 1.0f);
   const float scale = bits_float(static_cast<std::uint32_t>(static_cast<std::int32_t>(fx) + 127) << 23);
   return x >= -87.3f ? y * scale : (x < -87.3f ? 0.0f : x);

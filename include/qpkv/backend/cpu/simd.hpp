@@ -117,6 +117,27 @@ namespace qpkv::cpu {
 QPKV_INLINE __mmask16 tail_mask(index_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
 #endif
 
+/// Query tiles of 4 (when Max >= 4), 2 and 1 over the g queries of a GQA group: f4(i), f2(i) or
+/// f1(i) for the tile starting at query i. Every kernel family uses it; it has no target
+/// attribute (it only calls the kernels' lambdas), so that each family's kernels inline it.
+template <int Max = 4, class Fn4, class Fn2, class Fn1>
+inline void for_query_tiles(index_t g, Fn4&& f4, Fn2&& f2, Fn1&& f1) {
+  index_t i = 0;
+  if constexpr (Max >= 4)
+    for (; i + 4 <= g; i += 4) f4(i);
+  for (; i + 2 <= g; i += 2) f2(i);
+  for (; i < g; ++i) f1(i);
+}
+
+/// The Cephes expf constants of every kernel family's e^x (x <= 0): n = round(x log2e),
+/// r = x - n ln2_hi - n ln2_lo, e^r = 1 + r + r^2 (((((p0 r + p1) r + p2) r + p3) r + p4) r + p5),
+/// about 1 ulp; one set, so that the families agree.
+namespace exp_poly {
+inline constexpr float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+inline constexpr float p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f, p3 = 4.1665795894e-2f,
+                       p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
+}  // namespace exp_poly
+
 /// One work item's online-softmax state in the SIMD kernels: m[g], l[g], acc[g * D] (natural
 /// channel order on return).
 struct Partial {
