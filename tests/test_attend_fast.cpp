@@ -87,6 +87,9 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
     // with a partial 8x8 transpose (6 code dwords per row), GQA 3; fp16 rows of 40 channels
     SUBCASE("KIVI 4-bit, group 8, head_dim 48, GQA 3") { check<Kivi<4, 4, 8>>(1100, p, small_d, 5, 6, 48); }
     SUBCASE("fp16, head_dim 40") { check<Fp16>(700, p, bound, 3, 8, 40); }
+    // AVX2 fast path: 16-token key tiles with a partial transpose (6 code dwords per row), three
+    // value groups per row (no integer values: the exact value kernel with integer keys)
+    SUBCASE("KIVI 4-bit, group 16, head_dim 48") { check<Kivi<4, 4, 16>>(900, p, small_d, 9, 8, 48); }
   }
 }
 
@@ -99,6 +102,34 @@ TEST_CASE("QPKV_CPU=avx2 runs the AVX2 kernels where the build has them and the 
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     CHECK(std::string_view(cpu::simd_name()).substr(0, 4) == "avx2");
 #endif
+}
+
+TEST_CASE("AttendPrecision::fast runs integer products exactly where the kernels in use have them") {
+  // AVX-512 VNNI and AVX2 kernels: fast differs from exact (integer q.k and p.v), still within
+  // 5e-4; AVX-512 without VNNI and the portable kernels: fast is exact, bit for bit. Guards the
+  // *_cpu_* ctest entries against a fast path that silently runs the exact kernel, or the reverse.
+  const std::string_view kind = cpu::simd_name();
+  const bool integer = kind.substr(0, 11) == "avx512-vnni" || kind.substr(0, 4) == "avx2";
+  CAPTURE(kind);
+  const Shape s{2, 8, 128};
+  const index_t N = 700;
+  auto k = randn(static_cast<std::size_t>(s.kv_heads * N * s.head_dim), 31);
+  auto v = randn(k.size(), 32);
+  auto q = randn(static_cast<std::size_t>(s.q_heads * s.head_dim), 33);
+  std::vector<float> out[2];
+  for (auto p : {AttendPrecision::exact, AttendPrecision::fast}) {
+    CompressedKV<KeepAll, Kivi<4>> cache(s, KeepAll{}, Kivi<4>{}, Kivi<4>{}, CacheOptions{0, 0.0f, p});
+    cache.compress(view(k.data(), s.kv_heads, N, s.head_dim), view(v.data(), s.kv_heads, N, s.head_dim), N);
+    auto& o = out[p == AttendPrecision::fast ? 1 : 0];
+    o.resize(q.size());
+    cache.attend(q.data(), o.data());
+  }
+  if (integer) {
+    CHECK(out[1] != out[0]);
+    CHECK(relative_l2(out[1], out[0]) <= 5e-4);
+  } else {
+    CHECK(out[1] == out[0]);
+  }
 }
 
 TEST_CASE("attend when every logit is far below zero and the token count is not a multiple of 16") {

@@ -176,7 +176,8 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
       if (kernel == Kernel::kivi_avx2) {
         const avx2::ValuePlan<VQ::bits> plan(D, vq.group);
-        avx2::kivi_item<KQ::bits, VQ::bits>(st, kl, vl, kq.group, plan, h, b0, b1, with_residual, qh, Partial{m, l, acc});
+        avx2::kivi_item<KQ::bits, VQ::bits>(st, kl, vl, kq.group, plan, h, b0, b1, with_residual, qh, Partial{m, l, acc},
+                                            precision == AttendPrecision::fast);
         return;
       }
     } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {

@@ -19,7 +19,11 @@
 //  - fp16 rows (Fp16 caches, every cache's residual): F16C conversion, 4 queries per key row;
 //  - software prefetch as in the AVX-512 kernels (spread prefetcht1 one block ahead plus one
 //    demand load per block; fp16: rows 64 / 32 tokens ahead).
-// There is no integer path: AttendPrecision::fast runs these exact kernels (AVX-VNNI is not used).
+// AttendPrecision::fast (KIVI): integer dot products with vpmaddwd (16 products into 8 int32 per
+// instruction, twice the multiplies of an FMA): the per-group folded query rounded to int16
+// (KeyFold::fold_fast, key_tile_int, 16-token tiles where the key group allows) and the value
+// weights p_t s_t rounded to int16 per block and group (ValueFast). AVX-VNNI (vpdpwssd on ymm,
+// Alder Lake and later) would fuse the multiply and the add; it is not used (untestable here).
 #pragma once
 
 #include "qpkv/backend/cpu/simd.hpp"
@@ -77,6 +81,14 @@ QPKV_INLINE_AVX2 float hsum(__m256 a) {
 QPKV_INLINE_AVX2 __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // a03 b03 c03 d03 | a47 ..
   return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+
+/// The maxima of four vectors in lanes 0..3.
+QPKV_INLINE_AVX2 __m128 hmax4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_max_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));  // a02 b02 a13 b13 | ..
+  const __m256 cd = _mm256_max_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  const __m256 x = _mm256_max_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));  // a b c d | a b c d
+  return _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
 }
 
 /// Online-softmax update for n logits per query (row i at logits + i * stride, already scaled):
@@ -155,7 +167,7 @@ inline bool fp16_supported(index_t D) { return D % 8 == 0; }
 
 /// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
 /// (bytes). q: g x D pre-scaled queries. Updates the partial (natural channel order).
-QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb,
+QPKV_NOINLINE QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb,
                                          std::size_t vstride, index_t n, index_t D, const float* q, index_t g,
                                          const Partial& p) {
   constexpr index_t kTile = 32, kKeyAhead = 64, kValueAhead = 32, kTouchAhead = 96;  // as the AVX-512 kernel
@@ -361,11 +373,196 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const 
   }
 }
 
+/// acc + vpmaddwd(a, b), the sum kept in order: the empty asm stops GCC from reassociating the
+/// adds of a loop body into a tree over all its products, which needed more than the 16 ymm
+/// registers and kept accumulators on the stack (a store and a reload per add).
+QPKV_INLINE_AVX2 __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#if defined(__GNUC__)
+  asm("" : "+x"(acc));
+#endif
+  return acc;
+}
+
+/// AttendPrecision::fast, values: p.v of a block with integer dot products (vpmaddwd), the
+/// AVX-512 VNNI path's scheme on 8 lanes. Per query and value group, each token's weight times its
+/// group scale, W_t = p_t s_t, is rounded to an int16 with step = max_t W_t / 32767 (per block),
+/// two tokens' codes of a channel share a dword, and sum_t W_t code_t is an exact int32 sum; the
+/// min term sum_t p_t m_t stays float. Both are added to the float accumulators (slice order, as
+/// value_slice) once per block. Per token and query this is half a vpmaddwd and half a vpaddd per
+/// 8 channels, against a dequantizing FMA and two product FMAs per 8 channels in value_slice.
+template <int VB>
+struct ValueFast {
+  static constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
+  index_t D = 0, per_row = 0, B = 0, tpv = 0;  // tpv: tokens per vector of [token][group] weights
+  bool ok = false, raw_pack = false;
+  std::vector<std::int32_t> wq;     // [i][B / 2][per_row] (+ 8): int16 weights of tokens 2j, 2j + 1
+  std::vector<float> step, mterm;   // [i][per_row] (+ 8)
+  __m256i vtok{}, vshuf{};          // lane -> token of a weight vector; word order after the pack
+
+  /// Off (ok false) unless fast and the block's weights fill whole pairs of vectors with every
+  /// group's lanes per_row apart (per_row = D / G in 1, 2, 4, 8), and B (2^b - 1) 32767 fits int32.
+  QPKV_TARGET_AVX2 ValueFast(const ValuePlan<VB>& plan, index_t b, index_t nq, bool fast)
+      : D(plan.D), per_row(plan.per_row), B(b) {
+    ok = fast && plan.D % plan.G == 0 && 8 % per_row == 0 && B % 2 == 0 && (B * per_row) % 16 == 0 &&
+         static_cast<double>(B) * 32767.0 * ((1 << VB) - 1) < 2147483647.0;
+    if (!ok) return;
+    tpv = 8 / per_row;
+    raw_pack = per_row == 8;
+    alignas(32) std::int32_t tok[8];
+    for (int l = 0; l < 8; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
+    vtok = _mm256_load_si256(reinterpret_cast<const __m256i*>(tok));
+    // the pack of two weight vectors a, b (elements e = 0..15 in [token][group] order) puts e at
+    // word src(e): packs_epi32 interleaves them by 128-bit lane, and for per_row <= 4 the 0xD8
+    // permutation restores e's order. Word T(e) = 2 (pair per_row + group) + parity of the output
+    // holds it; the shuffle stays within 128-bit lanes (src and T share a lane: asserted here)
+    alignas(32) std::uint8_t ctrl[32];
+    for (int e = 0; e < 16; ++e) {
+      const int src = raw_pack ? 8 * ((e % 8) / 4) + 4 * (e / 8) + e % 4 : e;
+      const int t = e / static_cast<int>(per_row), gr = e % static_cast<int>(per_row);
+      const int T = 2 * ((t / 2) * static_cast<int>(per_row) + gr) + t % 2;
+      if (T / 8 != src / 8) {
+        ok = false;
+        return;
+      }
+      ctrl[2 * T] = static_cast<std::uint8_t>(2 * (src % 8));
+      ctrl[2 * T + 1] = static_cast<std::uint8_t>(2 * (src % 8) + 1);
+    }
+    vshuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl));
+    wq.resize(static_cast<std::size_t>(nq * (B / 2) * per_row + 8));
+    step.resize(static_cast<std::size_t>(nq * per_row + 8));
+    mterm.resize(step.size());
+  }
+
+  /// Folds, rounds and pairs the block's weights for g queries (p[i * pstride + t], readable 8
+  /// floats past each row); S, M: the block's scales and mins from value_params().
+  QPKV_NOINLINE QPKV_TARGET_AVX2 void weights(const float* S, const float* M, const float* p, index_t pstride, index_t g) {
+    for_query_tiles<4>(
+        g, [&](index_t i) { weights_tile<4>(S, M, p, pstride, i); }, [&](index_t i) { weights_tile<2>(S, M, p, pstride, i); },
+        [&](index_t i) { weights_tile<1>(S, M, p, pstride, i); });
+  }
+
+  template <int NQ>
+  QPKV_TARGET_AVX2 void weights_tile(const float* S, const float* M, const float* p, index_t pstride, index_t i0) {
+    const index_t nv = B * per_row / 8, tz = tpv, pr = per_row;  // locals: the stores below may alias *this
+    const __m256i tok = vtok, shuf = vshuf;
+    const bool raw = raw_pack;
+    const float* pq[NQ];
+    __m256 mx[NQ], mt[NQ], inv[NQ];
+    for (int i = 0; i < NQ; ++i) {
+      pq[i] = p + (i0 + i) * pstride;
+      mx[i] = mt[i] = _mm256_setzero_ps();
+    }
+    for (index_t v = 0; v < nv; ++v) {
+      const __m256 s = _mm256_loadu_ps(S + v * 8), m = _mm256_loadu_ps(M + v * 8);
+      for (int i = 0; i < NQ; ++i) {
+        const __m256 P = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + v * tz), tok);
+        mx[i] = _mm256_max_ps(mx[i], _mm256_mul_ps(P, s));  // p, s >= 0
+        mt[i] = _mm256_fmadd_ps(P, m, mt[i]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      for (index_t sh = pr; sh < 8; sh *= 2) {  // lanes of one group are per_row apart
+        const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                            _mm256_set1_epi32(static_cast<int>(sh))),
+                                           _mm256_set1_epi32(7));
+        mx[i] = _mm256_max_ps(mx[i], _mm256_permutevar8x32_ps(mx[i], r));
+        mt[i] = _mm256_add_ps(mt[i], _mm256_permutevar8x32_ps(mt[i], r));
+      }
+      alignas(32) float st8[8], mt8[8];
+      _mm256_store_ps(st8, _mm256_mul_ps(mx[i], _mm256_set1_ps(1.0f / 32767.0f)));
+      _mm256_store_ps(mt8, mt[i]);
+      std::copy(st8, st8 + pr, step.data() + (i0 + i) * pr);
+      std::copy(mt8, mt8 + pr, mterm.data() + (i0 + i) * pr);
+      // lane l is group l % per_row; 0 where a group's weights are all 0. W * inv <= 32767 up to
+      // float rounding; packs saturates to int16 in any case.
+      const __m256 pos = _mm256_cmp_ps(mx[i], _mm256_setzero_ps(), _CMP_GT_OQ);
+      inv[i] = _mm256_and_ps(pos, _mm256_div_ps(_mm256_set1_ps(32767.0f), mx[i]));
+    }
+    std::int32_t* out[NQ];
+    for (int i = 0; i < NQ; ++i) out[i] = wq.data() + (i0 + i) * (B / 2) * pr;
+    for (index_t v = 0; v < nv; v += 2) {
+      const __m256 s0 = _mm256_loadu_ps(S + v * 8), s1 = _mm256_loadu_ps(S + v * 8 + 8);
+      for (int i = 0; i < NQ; ++i) {
+        const __m256 P0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + v * tz), tok);
+        const __m256 P1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + (v + 1) * tz), tok);
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(P0, s0), inv[i]));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(P1, s1), inv[i]));
+        __m256i w = _mm256_packs_epi32(a, b);
+        if (!raw) w = _mm256_permute4x64_epi64(w, 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i] + v * 4), _mm256_shuffle_epi8(w, shuf));
+      }
+    }
+  }
+
+  /// acc[i] (slice order) += the block's p.v for NQ queries from qi; weights() was called for it.
+  template <int NQ>
+  QPKV_TARGET_AVX2 void accumulate(const std::uint8_t* codes, std::size_t row, const ValuePlan<VB>& plan, index_t qi,
+                                   float* acc, Prefetch& pf) const {
+    for (index_t u = 0; u < D / U; ++u) {
+      if (plan.uniform[u] != 0) slice<NQ, true>(codes, row, plan, u, qi, acc, pf);
+      else slice<NQ, false>(codes, row, plan, u, qi, acc, pf);
+    }
+  }
+
+  /// accumulate() for slice u; Uni: its lanes in one group (one broadcast weight per query).
+  template <int NQ, bool Uni>
+  QPKV_NOINLINE QPKV_TARGET_AVX2 void slice(const std::uint8_t* codes, std::size_t row, const ValuePlan<VB>& plan,
+                                            index_t u, index_t qi, float* acc, Prefetch& pf) const {
+    const __m256i mask = _mm256_set1_epi32(((1 << VB) - 1) * 0x10001);
+    const std::size_t pr = static_cast<std::size_t>(per_row), qstride = static_cast<std::size_t>(B / 2) * pr;
+    const index_t g0 = plan.grp0[u], Bn = B;
+    [[maybe_unused]] const __m256i gi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.grp_idx.data() + u * 8));
+    __m256i a[NQ][per];
+    for (int i = 0; i < NQ; ++i)
+      for (int k = 0; k < per; ++k) a[i][k] = _mm256_setzero_si256();
+    const std::int32_t* wt = wq.data() + static_cast<std::size_t>(qi) * qstride + g0;
+    const std::uint8_t* r0 = codes + u * 8;
+    for (index_t t = 0; t < Bn; t += 2, r0 += 2 * row, wt += pr) {
+      pf.step();
+      const __m256i x = _mm256_or_si256(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0))),
+          _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + row))), 16));
+      __m256i c[per];
+      for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm256_and_si256(k == 0 ? x : _mm256_srli_epi32(x, k * VB), mask);
+      for (int i = 0; i < NQ; ++i) {
+        __m256i w;
+        if constexpr (Uni) w = _mm256_set1_epi32(wt[i * qstride]);
+        else w = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + i * qstride)), gi);
+        for (int k = 0; k < per; ++k) a[i][k] = madd_acc(a[i][k], c[k], w);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      const float* st = step.data() + (qi + i) * per_row + g0;
+      const float* mt = mterm.data() + (qi + i) * per_row + g0;
+      __m256 sv, mv;
+      if constexpr (Uni) {
+        sv = _mm256_set1_ps(*st);
+        mv = _mm256_set1_ps(*mt);
+      } else {
+        sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(st), gi);
+        mv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(mt), gi);
+      }
+      float* o = acc + (qi + i) * D + u * U;
+      for (int k = 0; k < per; ++k)
+        _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][k]), sv, _mm256_add_ps(_mm256_loadu_ps(o + 8 * k), mv)));
+    }
+  }
+};
+
 /// Per key group: the queries with the group's per-channel scales folded in (qs, natural channel
 /// order) and the constant terms bias_i = sum_c q_ic (m_c + centre s_c), centre = 2^(b-1).
 /// key_tile() reads code e' of each span of a dword in place, i.e. times 2^(b e'), to save a
 /// shift per code (see there); qs carries the inverse power of two, q_c (s_c 2^-(b e')), which
 /// is exact, so the products, and the logits, are the same floats as with shifted codes.
+///
+/// fast (AttendPrecision::fast, head_dim a multiple of 16): the folded query of each group rounded
+/// to 16-bit integers for vpmaddwd instead (key_tile_int): Q_ic = round(q_ic s_c / step_i), step_i
+/// = max_c |q_ic s_c| / qmax, stored as int16 pairs in the codes' pair order (pair_order), and
+/// bias_i = sum_c q_ic (m_c + centre s_c) - step_i centre sum_c Q_ic: the integer sums take the
+/// codes as stored and the bias centres them after the fact, so the rounding error of Q multiplies
+/// code - centre instead of code (KIVI-4 at head_dim 128: 2.2e-4 -> 1.2e-4 relative output error).
+/// qmax = 32767, less where D (2^b - 1) qmax could overflow an int32 sum.
 template <int KB>
 struct KeyFold {
   static constexpr float centre = static_cast<float>(1 << (KB - 1));  // integer, so code - centre is exact
@@ -374,17 +571,57 @@ struct KeyFold {
   static constexpr int half = span / KB;  // codes per span; e' = channel % half (groups of 8
                                           // channels start at a multiple of half)
   index_t g = 0, D = 0;
+  bool fast = false;
+  float qmax = 32767.0f;
   const float* q = nullptr;  // the g x D pre-scaled queries
   std::vector<float> qs, bias, sf, mf;
+  std::vector<float> qp, step;   // fast: the queries in pair order (once per work item); [i] one integer unit
+  std::vector<std::int32_t> q16; // fast: [i][D / 2] int16 pairs
 
-  KeyFold(index_t g_, index_t D_, const float* q_) : g(g_), D(D_), q(q_) {
-    qs.resize(static_cast<std::size_t>(g * D));
-    bias.resize(static_cast<std::size_t>(g));
+  QPKV_TARGET_AVX2 KeyFold(index_t g_, index_t D_, const float* q_, bool fast_ = false)
+      : g(g_), D(D_), fast(fast_ && D_ % 16 == 0), q(q_) {
+    bias.resize(static_cast<std::size_t>(g) + 4);
     sf.resize(static_cast<std::size_t>(D));
     mf.resize(static_cast<std::size_t>(D));
+    if (!fast) {
+      qs.resize(static_cast<std::size_t>(g * D));
+      return;
+    }
+    // |sum_c Q_c code_c| <= D (2^b - 1) qmax must fit an int32 (one unit of margin for rounding)
+    const double lim = 2147483647.0 / (static_cast<double>(D) * ((1 << KB) - 1)) - 1.0;
+    qmax = static_cast<float>(std::min(32767.0, std::floor(lim)));
+    step.resize(static_cast<std::size_t>(g) + 4);
+    q16.resize(static_cast<std::size_t>(g * D / 2));
+    qp.resize(static_cast<std::size_t>(g * D));
+    for (index_t e = 0; e < g * D; e += 16) {
+      __m256 v[2] = {_mm256_loadu_ps(q + e), _mm256_loadu_ps(q + e + 8)};
+      pair_order(v);
+      _mm256_storeu_ps(qp.data() + e, v[0]);
+      _mm256_storeu_ps(qp.data() + e + 8, v[1]);
+    }
+  }
+
+  /// 16 channels (two vectors, natural order) into the fast path's pair order: within each code
+  /// dword of cpd = 32 / b channels, key_tile_int's (d >> b k) & (2^b - 1) 0x10001 puts channels
+  /// k and k + cpd / 2 in a dword's low and high 16 bits, so position 2k + j holds channel
+  /// k + j cpd / 2.
+  static QPKV_INLINE_AVX2 void pair_order(__m256* v) {
+    if constexpr (KB == 2) {  // one dword = 16 channels: interleave the two vectors
+      const __m256 lo = _mm256_unpacklo_ps(v[0], v[1]), hi = _mm256_unpackhi_ps(v[0], v[1]);
+      v[0] = _mm256_permute2f128_ps(lo, hi, 0x20);
+      v[1] = _mm256_permute2f128_ps(lo, hi, 0x31);
+    } else {
+      const __m256i idx = KB == 4 ? _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7) : _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
+      v[0] = _mm256_permutevar8x32_ps(v[0], idx);
+      v[1] = _mm256_permutevar8x32_ps(v[1], idx);
+    }
   }
 
   QPKV_NOINLINE QPKV_TARGET_AVX2 void fold(const std::uint16_t* sc, const std::uint16_t* mn) {
+    if (fast) {
+      fold_fast(sc, mn);
+      return;
+    }
     const index_t Dn = D, gn = g;  // locals: the stores below may alias *this
     float* __restrict s_f = sf.data();
     float* __restrict m_f = mf.data();
@@ -422,6 +659,80 @@ struct KeyFold {
       }
       bs[i] = hsum(b);
     }
+  }
+
+  /// fold() of the fast path: the group's scales and mins as floats in pair order, then the
+  /// integer queries a tile of queries at a time.
+  QPKV_TARGET_AVX2 void fold_fast(const std::uint16_t* sc, const std::uint16_t* mn) {
+    float* __restrict s_f = sf.data();
+    float* __restrict m_f = mf.data();
+    for (index_t c = 0, Dn = D; c < Dn; c += 16) {
+      __m256 s[2], m[2];
+      for (int v = 0; v < 2; ++v) {
+        s[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + c + 8 * v)));
+        m[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + c + 8 * v)));
+      }
+      for (int v = 0; v < 2; ++v) m[v] = _mm256_fmadd_ps(_mm256_set1_ps(centre), s[v], m[v]);
+      pair_order(s);
+      pair_order(m);
+      for (int v = 0; v < 2; ++v) {
+        _mm256_storeu_ps(s_f + c + 8 * v, s[v]);
+        _mm256_storeu_ps(m_f + c + 8 * v, m[v]);
+      }
+    }
+    for_query_tiles<4>(
+        g, [&](index_t i) { fold_tile<4>(i); }, [&](index_t i) { fold_tile<2>(i); }, [&](index_t i) { fold_tile<1>(i); });
+  }
+
+  /// The integer queries i0 .. i0 + NQ - 1 (members read into locals: the stores may alias them).
+  template <int NQ>
+  QPKV_TARGET_AVX2 void fold_tile(index_t i0) {
+    const index_t Dn = D;
+    const float* __restrict s_f = sf.data();
+    const float* __restrict m_f = mf.data();
+    const float* __restrict qq = qp.data() + i0 * Dn;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 b[4], mx[4];
+    for (int i = 0; i < 4; ++i) b[i] = mx[i] = _mm256_setzero_ps();
+    for (index_t c = 0; c < Dn; c += 8) {
+      const __m256 sv = _mm256_loadu_ps(s_f + c), mv = _mm256_loadu_ps(m_f + c);
+      for (int i = 0; i < NQ; ++i) {
+        const __m256 qv = _mm256_loadu_ps(qq + i * Dn + c);
+        mx[i] = _mm256_max_ps(mx[i], _mm256_and_ps(_mm256_mul_ps(qv, sv), absmask));
+        b[i] = _mm256_fmadd_ps(qv, mv, b[i]);
+      }
+    }
+    alignas(16) float bs[4], st4[4], inv4[4];
+    _mm_store_ps(bs, hsum4(b[0], b[1], b[2], b[3]));
+    const __m128 m4 = hmax4(mx[0], mx[1], mx[2], mx[3]);
+    const __m128 st = _mm_blendv_ps(_mm_set1_ps(1.0f), _mm_div_ps(m4, _mm_set1_ps(qmax)), _mm_cmpgt_ps(m4, _mm_setzero_ps()));
+    _mm_store_ps(st4, st);
+    _mm_store_ps(inv4, _mm_div_ps(_mm_set1_ps(1.0f), st));
+    for (int i = 0; i < NQ; ++i) {
+      bias[i0 + i] = bs[i];
+      step[i0 + i] = st4[i];
+    }
+    __m256 inv[NQ];
+    for (int i = 0; i < NQ; ++i) inv[i] = _mm256_set1_ps(inv4[i]);
+    auto* out = reinterpret_cast<std::int16_t*>(q16.data()) + i0 * Dn;
+    __m256i qsum[4];
+    for (int i = 0; i < 4; ++i) qsum[i] = _mm256_setzero_si256();
+    for (index_t c = 0; c < Dn; c += 16) {
+      const __m256 s0 = _mm256_loadu_ps(s_f + c), s1 = _mm256_loadu_ps(s_f + c + 8);
+      for (int i = 0; i < NQ; ++i) {
+        // the same products as above, rounded to nearest; the pack keeps the order (0xD8 undoes its lane split)
+        const __m256i Q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(qq + i * Dn + c), s0), inv[i]));
+        const __m256i Q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(qq + i * Dn + c + 8), s1), inv[i]));
+        qsum[i] = _mm256_add_epi32(qsum[i], _mm256_add_epi32(Q0, Q1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * Dn + c),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(Q0, Q1), 0xD8));
+      }
+    }
+    // the codes centred after the fact: bias_i - step_i centre sum_c Q_ic (|sum| <= D qmax: exact as a float up to D = 512)
+    alignas(16) float qs4[4];
+    _mm_store_ps(qs4, hsum4(_mm256_cvtepi32_ps(qsum[0]), _mm256_cvtepi32_ps(qsum[1]), _mm256_cvtepi32_ps(qsum[2]),
+                            _mm256_cvtepi32_ps(qsum[3])));
+    for (int i = 0; i < NQ; ++i) bias[i0 + i] -= st4[i] * centre * qs4[i];
   }
 };
 
@@ -477,17 +788,72 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
     _mm256_storeu_ps(logits + (qi + i) * lstride, _mm256_add_ps(acc[i], _mm256_set1_ps(f.bias[qi + i])));
 }
 
+/// key_tile() of the fast path: the logits of 8 H tokens (H = 1 or 2 halves of 8) from integer
+/// dot products. Each code dword (lane t: token t of a half, after its 8x8 transpose) gives cpd / 2
+/// pairs (d >> b k) & (2^b - 1) 0x10001, channels k and k + cpd / 2 in its two 16-bit halves;
+/// vpmaddwd multiplies them with the int16 query pair in the same order (KeyFold::pair_order) and
+/// adds the two products into int32, exact. logit = step (sum_c Q_c code_c) + bias. Per token and
+/// query: cpd / 2 vpmaddwd + vpaddd per code dword, against cpd FMAs and the float conversions of
+/// key_tile(). Two halves share each query broadcast (the loads, two 256-bit per cycle, bound
+/// the 8-token tile as much as the multiplies).
+template <int KB, int NQ, int H>
+QPKV_TARGET_AVX2 void key_tile_int(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f,
+                                   index_t qi, float* logits, index_t lstride, Prefetch& pfr) {
+  Prefetch pf = pfr;  // in registers for the loop
+  constexpr int cpd = 32 / KB, pairs = cpd / 2;
+  const index_t dwords = D / cpd, qrow = D / 2;
+  const __m256i mask = _mm256_set1_epi32(((1 << KB) - 1) * 0x10001);
+  __m256i acc[H][NQ];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < NQ; ++i) acc[h][i] = _mm256_setzero_si256();
+  const std::int32_t* qd = f.q16.data() + qi * qrow;
+  for (index_t w0 = 0; w0 < dwords; w0 += 8) {
+    const index_t nw = std::min<index_t>(8, dwords - w0);
+    __m256i r[H][8];
+    for (int h = 0; h < H; ++h) {
+      const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
+      if (nw == 8) {
+        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
+      } else {
+        const __m256i mk = tail8(nw);
+        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
+      }
+      transpose8(r[h]);
+    }
+    for (index_t w = 0; w < nw; ++w) {
+      pf.step();
+      const std::int32_t* qw = qd + (w0 + w) * pairs;
+      for (int k = 0; k < pairs; ++k) {
+        __m256i c[H];
+        for (int h = 0; h < H; ++h) c[h] = _mm256_and_si256(k == 0 ? r[h][w] : _mm256_srli_epi32(r[h][w], KB * k), mask);
+        for (int i = 0; i < NQ; ++i) {
+          const __m256i q2 = _mm256_set1_epi32(qw[i * qrow + k]);
+          for (int h = 0; h < H; ++h) acc[h][i] = madd_acc(acc[h][i], c[h], q2);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < NQ; ++i) {
+    const __m256 st = _mm256_set1_ps(f.step[qi + i]), bs = _mm256_set1_ps(f.bias[qi + i]);
+    for (int h = 0; h < H; ++h)
+      _mm256_storeu_ps(logits + (qi + i) * lstride + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][i]), st, bs));
+  }
+  pfr = pf;
+}
+
 /// One work item over a KIVI cache: blocks [b0, b1) of head h, then the residual if asked.
 template <int KB, int VB>
 QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, const AffineLayout& vl, index_t key_group,
                                 const ValuePlan<VB>& plan, index_t h, index_t b0, index_t b1, bool residual, const float* q,
-                                const Partial& p) {
+                                const Partial& p, bool fast = false) {
   const CacheLayout& L = st.layout;
   const index_t D = L.head_dim, B = L.block_tokens, g = L.q_heads / L.kv_heads;
   constexpr int kValueTile = VB == 2 ? 2 : 4;  // 2-bit: 4 code vectors x the tile's accumulators in 16 registers
-  std::vector<float> logits(static_cast<std::size_t>(g * B));
+  std::vector<float> logits(static_cast<std::size_t>(g * B + 8));  // + 8: ValueFast reads whole vectors
+  ValueFast<VB> vf(plan, B, g, fast);
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 8)), mf(sf.size());
-  KeyFold<KB> fold(g, D, q);
+  KeyFold<KB> fold(g, D, q, fast);
+  const index_t tile = fold.fast && key_group % 16 == 0 ? 16 : 8;  // tokens per key tile
   const std::size_t bb = L.block_bytes();
   Prefetch pf;
   pf.next = st.data + L.block_offset(h, b0);
@@ -502,19 +868,39 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
     const auto* mn = reinterpret_cast<const std::uint16_t*>(block + kl.mins);
     for (index_t gt = 0; gt < B / key_group; ++gt) {
       fold.fold(sc + gt * D, mn + gt * D);
-      for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += 8) {
+      for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += tile) {
         const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
         float* lg = logits.data() + t0;
-        for_query_tiles<4>(
-            g, [&](index_t i) { key_tile<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-            [&](index_t i) { key_tile<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
-            [&](index_t i) { key_tile<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
+        if (tile == 16) {
+          for_query_tiles<4>(
+              g, [&](index_t i) { key_tile_int<KB, 4, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_int<KB, 2, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_int<KB, 1, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
+        } else if (fold.fast)
+          for_query_tiles<4>(
+              g, [&](index_t i) { key_tile_int<KB, 4, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_int<KB, 2, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile_int<KB, 1, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
+        else
+          for_query_tiles<4>(
+              g, [&](index_t i) { key_tile<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile<KB, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile<KB, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
       }
     }
     softmax_step(logits.data(), B, B, g, D, p);
     // values (accumulators in slice order until the end of the item)
     const std::uint8_t* vpart = block + L.key_part;
     value_params(vpart, vl, B * plan.per_row, sf.data(), mf.data());
+    if (vf.ok) {
+      vf.weights(sf.data(), mf.data(), logits.data(), B, g);
+      const std::uint8_t* vc = vpart + vl.codes;
+      for_query_tiles<kValueTile>(
+          g, [&](index_t i) { vf.template accumulate<4>(vc, vl.row_bytes, plan, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<2>(vc, vl.row_bytes, plan, i, p.acc, pf); },
+          [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, plan, i, p.acc, pf); });
+      continue;
+    }
     for_query_tiles<kValueTile>(
         g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
         [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
