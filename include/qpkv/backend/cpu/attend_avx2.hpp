@@ -167,7 +167,7 @@ inline bool fp16_supported(index_t D) { return D % 8 == 0; }
 
 /// Attention over n fp16 tokens: key row t at kb + t * kstride, value row t at vb + t * vstride
 /// (bytes). q: g x D pre-scaled queries. Updates the partial (natural channel order).
-QPKV_NOINLINE QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb,
+QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kstride, const std::uint8_t* vb,
                                          std::size_t vstride, index_t n, index_t D, const float* q, index_t g,
                                          const Partial& p) {
   constexpr index_t kTile = 32, kKeyAhead = 64, kValueAhead = 32, kTouchAhead = 96;  // as the AVX-512 kernel
@@ -390,7 +390,8 @@ QPKV_INLINE_AVX2 __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
 /// two tokens' codes of a channel share a dword, and sum_t W_t code_t is an exact int32 sum; the
 /// min term sum_t p_t m_t stays float. Both are added to the float accumulators (slice order, as
 /// value_slice) once per block. Per token and query this is half a vpmaddwd and half a vpaddd per
-/// 8 channels, against a dequantizing FMA and two product FMAs per 8 channels in value_slice.
+/// 8 channels, against one FMA per 8 channels (and the dequantizing FMA the queries share) in
+/// value_slice.
 template <int VB>
 struct ValueFast {
   static constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
