@@ -190,6 +190,10 @@ TEST_CASE("AnyCompressedKV gives the bytes, values and attention of the equivale
     CompressedKV<KeepAll, Kivi<3, 3, 16>> ref(s, KeepAll{}, {}, {}, CacheOptions{0, 0.25f});
     check_same<float>("keep_all,kivi3,group=16", std::move(ref), wl, 0.25f);
   }
+  SUBCASE("keep_all, kivi4, precision=fast (the integer kernels where the CPU has them)") {
+    check_same<float>("keep_all,kivi4,precision=fast",
+                      CompressedKV<KeepAll, Kivi<4>>(s, KeepAll{}, {}, {}, CacheOptions{0, 0.0f, AttendPrecision::fast}), w);
+  }
   SUBCASE("1-bit, window 16") {
     SnapKV snap;
     snap.window = 16;
@@ -276,6 +280,13 @@ TEST_CASE("KVConfig text form: parse reads every key, to_string is canonical, an
   CHECK(o.outlier_threshold == 6.5f);
   CHECK(o.beta == 7);
   CHECK(KVConfig::parse(o.to_string()) == o);
+  // precision: written only when fast, so texts from before it existed read and write the same
+  const KVConfig f = KVConfig::parse("h2o,k4v2,precision=fast");
+  CHECK(f.precision == AttendPrecision::fast);
+  CHECK(f.to_string() ==
+        "h2o,k4v2,group=32,residual=0,zero=minmax,outliers=0,outlier_threshold=inf,window=32,mask=causal,precision=fast");
+  CHECK(KVConfig::parse("h2o,k4v2,precision=exact") == KVConfig::parse("h2o,k4v2"));
+  CHECK(KVConfig::parse(f.to_string()) == f);
 
   // every method x every bit pair x a few parameter sets
   for (Method m : kMethods)
@@ -302,6 +313,7 @@ TEST_CASE("KVConfig text form: parse reads every key, to_string is canonical, an
           if (m == Method::h2o) x.mask = H2OMask::window_block;
           if (m == Method::streamingllm) x.sinks = 0;
         }
+        if (variant == 2 && x.quantized()) x.precision = AttendPrecision::fast;
         if (variant == 2 && m == Method::streamingllm) {
           x.streaming = StreamingLLM::Mode::reference;
           x.window = 60;
@@ -343,6 +355,7 @@ TEST_CASE("KVConfig::validate names the invalid field, what it expected and what
   check([](KVConfig& c) { c.mask = static_cast<H2OMask>(5); }, "mask", "5");
   check([](KVConfig& c) { c.streaming = static_cast<StreamingLLM::Mode>(5); }, "streaming", "5");
   check([](KVConfig& c) { c.sinks = -2; }, "sinks", "-2");
+  check([](KVConfig& c) { c.precision = static_cast<AttendPrecision>(4); }, "precision", "4");
   // AnyCompressedKV validates before it builds anything
   KVConfig bad;
   bad.group = -3;
@@ -355,7 +368,7 @@ TEST_CASE("KVConfig::parse rejects unknown keys (listing the valid ones), bad va
   const std::string unknown = msg("snapkv,kivi4,windw=8");
   CHECK(unknown.find("'windw'") != std::string::npos);
   CHECK(unknown.find("group, residual, zero, outliers, outlier_threshold, window, kernel, pooling, beta, mask, "
-                     "streaming, sinks") != std::string::npos);
+                     "streaming, sinks, precision") != std::string::npos);
   CHECK(msg("snap,kivi4").find("KVConfig.method: expected one of keep_all, streamingllm, snapkv, h2o, pyramidkv") !=
         std::string::npos);
   CHECK(msg("").find("KVConfig.method") != std::string::npos);
@@ -372,6 +385,8 @@ TEST_CASE("KVConfig::parse rejects unknown keys (listing the valid ones), bad va
   CHECK(msg("streamingllm,streaming=x").find("KVConfig.streaming: expected sinks or reference") != std::string::npos);
   CHECK(msg("snapkv,kivi2,zero=mean").find("KVConfig.zero: expected minmax or hqq") != std::string::npos);
   CHECK(msg("snapkv,kivi2,outliers=lots").find("KVConfig.outliers: expected a number") != std::string::npos);
+  CHECK(msg("snapkv,kivi4,precision=approx").find("KVConfig.precision: expected exact or fast, got 'approx'") !=
+        std::string::npos);
   // values that parse but are out of range go through validate()
   CHECK(msg("snapkv,kernel=4").find("KVConfig.kernel: expected an odd integer >= 1, got 4") != std::string::npos);
   CHECK(msg("snapkv,kivi4,group=0").find("KVConfig.group") != std::string::npos);
@@ -383,8 +398,9 @@ TEST_CASE("KVConfig::parse rejects unknown keys (listing the valid ones), bad va
   // keys that exist but do not apply to this method / these bits / this mode
   const std::string window = msg("keep_all,kivi4,window=8");
   CHECK(window.find("KVConfig.window: expected a key that applies to keep_all,kivi4 (group, residual, zero, "
-                    "outliers, outlier_threshold), got window") != std::string::npos);
+                    "outliers, outlier_threshold, precision), got window") != std::string::npos);
   CHECK(msg("keep_all,fp16,group=64").find("applies to keep_all,fp16 (residual)") != std::string::npos);
+  CHECK(msg("keep_all,fp16,precision=fast").find("KVConfig.precision: expected a key that applies") != std::string::npos);
   CHECK(msg("h2o,kernel=5").find("KVConfig.kernel") != std::string::npos);
   CHECK(msg("snapkv,mask=causal").find("KVConfig.mask") != std::string::npos);
   CHECK(msg("snapkv,beta=4").find("KVConfig.beta") != std::string::npos);

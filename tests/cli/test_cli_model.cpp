@@ -119,7 +119,7 @@ TEST_CASE("score/generate: bad --kv configs and inputs are errors naming the arg
   } cases[] = {
       {"score --tokens " + tokens + " --kv snapkv,kivi4,budget=1/8,colour=red --out " + out, 1,
        "--kv: CacheConfig key: expected one of group, residual, zero, outliers, outlier_threshold, window, kernel, "
-       "pooling, beta, mask, streaming, sinks, budget, capacity, accounting, got 'colour'"},
+       "pooling, beta, mask, streaming, sinks, precision, budget, capacity, accounting, got 'colour'"},
       {"score --tokens " + tokens + " --kv snapkv,kivi5,budget=1/8 --out " + out, 1, "--kv: KVConfig token 2"},
       {"score --tokens " + tokens + " --kv snapkv,kivi4 --out " + out, 1, "--kv: CacheConfig.budget: expected budget= or capacity="},
       {"score --tokens " + tokens + " --kv magic,kivi4 --out " + out, 1, "--kv: KVConfig.method: expected one of keep_all"},

@@ -1,11 +1,13 @@
 // libFuzzer target: quantize, select and attend driven by fuzzer bytes. The first bytes choose a
 // shape (GQA ratio, head_dim), a prompt length, a selection method, key/value bit widths, group,
-// residual, outliers and a capacity; the rest are the keys, values and queries -- either raw float
-// bit patterns (NaN, Inf, denormals, 1e38) or small integers times a power-of-two scale.
+// residual, outliers, a capacity and the attention precision (exact or fast); the rest are the
+// keys, values and queries -- either raw float bit patterns (NaN, Inf, denormals, 1e38) or small
+// integers times a power-of-two scale.
 // Oracles: every failure is a qpkv::Error; a cache that accepted its input attends to finite values
 // within 1e-3 of the float64 reference over its own dequantized contents (plus 1e-5 of the largest
-// value's magnitude, for outputs where values cancel), and dequantizes to
-// finite values; appending a token and attending again keeps those properties.
+// value's magnitude, for outputs where values cancel; fast: plus the integer kernels' rounding
+// bound), and dequantizes to finite values; appending a token and attending again keeps those
+// properties.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -40,7 +42,7 @@ struct Bytes {
   }
 };
 
-void check_attention(const qpkv::AnyCompressedKV& c, const std::vector<float>& q) {
+void check_attention(const qpkv::AnyCompressedKV& c, const std::vector<float>& q, bool fast) {
   const qpkv::Shape s = c.shape();
   std::vector<float> out(q.size()), ref(q.size());
   c.attend(q.data(), out.data());
@@ -72,9 +74,23 @@ void check_attention(const qpkv::AnyCompressedKV& c, const std::vector<float>& q
         a += std::fabs(double(q[h * D + ch]) * d.keys[((h / g) * d.tokens + t) * D + ch]);
       l1 = std::max(l1, a * c.softmax_scale());
     }
-  const double logit_err = std::min(1.0, 2.0 * double(D) * 6e-8 * l1);
+  double logit_err = 2.0 * double(D) * 6e-8 * l1;
+  double value_err = 1e-5;
+  if (fast) {
+    // precision=fast (integer kernels where the CPU has them): the folded query q_c s_c is rounded
+    // to 1 / 32639 of its group's largest |q_c s_c| <= max|q| 2 max|k| (s (2^b - 1) is a channel's
+    // range), times a code <= 2^b - 1 over D channels: |d logit| <= D max|q| max|k| scale / 16319;
+    // the value weights p_t s_t are rounded to 1 / 32767 of their block's largest, so the output
+    // moves by at most tokens 2 vmax / 65534
+    double qmax = 0, kmax = 0;
+    for (float x : q) qmax = std::max(qmax, std::fabs(double(x)));
+    for (float x : d.keys) kmax = std::max(kmax, std::fabs(double(x)));
+    logit_err += double(D) * qmax * kmax * c.softmax_scale() / 16319.0;
+    value_err += double(d.tokens) * 2.0 / 65534.0;
+  }
+  logit_err = std::min(1.0, logit_err);
   const double allowed =
-      1e-3 * std::sqrt(den) + (1e-5 + 2.0 * logit_err) * vmax * std::sqrt(double(out.size())) + 1e-30;
+      1e-3 * std::sqrt(den) + (value_err + 2.0 * logit_err) * vmax * std::sqrt(double(out.size())) + 1e-30;
   if (std::isfinite(den) && std::sqrt(num) > allowed) std::abort();
 }
 
@@ -103,6 +119,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (outliers) text += ",outliers=0.05";
   }
   if (method >= 2) text += ",window=" + std::to_string(window);
+  const bool fast = (kb < 16 || vb < 16) && (mode & 64) != 0;  // bit 6 of mode: not otherwise used
+  if (fast) text += ",precision=fast";
   qpkv::KVConfig config;
   try {
     config = qpkv::KVConfig::parse(text);
@@ -120,9 +138,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                capacity);
     if (c.tokens() == 0) return 0;
     const std::vector<float> q1(q.end() - kv * ratio * dim, q.end());
-    check_attention(c, q1);
+    check_attention(c, q1, fast);
     c.append(k.data(), v.data());  // the first token again
-    check_attention(c, q1);
+    check_attention(c, q1, fast);
   } catch (const qpkv::Error&) {
   }
   return 0;

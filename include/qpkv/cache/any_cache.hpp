@@ -49,13 +49,17 @@
 //                                                            seed's window-block mask)
 //   streaming          streamingllm                          sinks | reference (sinks)
 //   sinks              streamingllm with streaming=sinks     integer >= 0: attention sinks kept (4)
+//   precision          key_bits or value_bits < 16           exact | fast: attend()'s arithmetic
+//                                                            (AttendPrecision, backend/cpu/precision.hpp;
+//                                                            exact). to_string writes it only when fast,
+//                                                            so texts written before it read the same
 //
 // Examples: "snapkv,kivi4,group=64,residual=32,window=32,kernel=5,pooling=max", "h2o,k4v2",
 // "keep_all,fp16", "pyramidkv,kivi2,zero=hqq,beta=20", "streamingllm,k8v4,streaming=reference,window=124".
 // parse() rejects an unknown key (listing the valid ones), a key given twice, a key that does not
 // apply to the config (listing those that do), and then runs validate(). to_string() writes the
-// method, the bits and every key that applies, in the table's order; parse(to_string(c)) == c for
-// every valid c whose non-applying fields hold their defaults.
+// method, the bits and every key that applies (precision only when fast), in the table's order;
+// parse(to_string(c)) == c for every valid c whose non-applying fields hold their defaults.
 #pragma once
 
 #include <array>
@@ -192,6 +196,7 @@ struct KVConfig {
   H2OMask mask = H2OMask::causal;
   StreamingLLM::Mode streaming = StreamingLLM::Mode::sinks;
   index_t sinks = 4;
+  AttendPrecision precision = AttendPrecision::exact;  ///< attend()'s arithmetic (integer products: fast)
 
   friend bool operator==(const KVConfig&, const KVConfig&) = default;
 
@@ -227,6 +232,8 @@ struct KVConfig {
     detail::require(streaming == StreamingLLM::Mode::sinks || streaming == StreamingLLM::Mode::reference,
                     "KVConfig.streaming", "sinks or reference", static_cast<int>(streaming));
     detail::require(sinks >= 0, "KVConfig.sinks", ">= 0", sinks);
+    detail::require(precision == AttendPrecision::exact || precision == AttendPrecision::fast, "KVConfig.precision",
+                    "exact or fast", static_cast<int>(precision));
   }
 
   /// The selector this config names, with its parameters.
@@ -291,12 +298,14 @@ namespace any_detail {
 using namespace qpkv::detail;
 
 
-/// One `key=value` of the text form: when it applies, how it is written and read.
+/// One `key=value` of the text form: when it applies, how it is written and read, and (optional)
+/// when to_string writes it although it applies (null: always).
 struct ConfigKey {
   std::string_view name;
   bool (*applies)(const KVConfig&);
   std::string (*write)(const KVConfig&);
   void (*read)(KVConfig&, std::string_view);
+  bool (*written)(const KVConfig&) = nullptr;
 };
 
 template <class E, std::size_t N>
@@ -317,6 +326,8 @@ inline constexpr std::array<std::pair<std::string_view, H2OMask>, 2> kMaskNames 
     {{"causal", H2OMask::causal}, {"reference", H2OMask::window_block}}};
 inline constexpr std::array<std::pair<std::string_view, StreamingLLM::Mode>, 2> kStreamingNames = {
     {{"sinks", StreamingLLM::Mode::sinks}, {"reference", StreamingLLM::Mode::reference}}};
+inline constexpr std::array<std::pair<std::string_view, AttendPrecision>, 2> kPrecisionNames = {
+    {{"exact", AttendPrecision::exact}, {"fast", AttendPrecision::fast}}};
 
 template <class E, std::size_t N>
 std::string enum_text(E e, const std::array<std::pair<std::string_view, E>, N>& names) {
@@ -334,8 +345,8 @@ inline index_t read_index(std::string_view v, std::string_view field) {
   return parse_number<index_t>(v, field, "an integer");
 }
 
-inline const std::array<ConfigKey, 12>& config_keys() {
-  static const std::array<ConfigKey, 12> keys = {{
+inline const std::array<ConfigKey, 13>& config_keys() {
+  static const std::array<ConfigKey, 13> keys = {{
       {"group", [](const KVConfig& c) { return c.quantized(); },
        [](const KVConfig& c) { return concat(c.group); },
        [](KVConfig& c, std::string_view v) { c.group = read_index(v, "group"); }},
@@ -376,6 +387,10 @@ inline const std::array<ConfigKey, 12>& config_keys() {
        [](const KVConfig& c) { return c.method == Method::streamingllm && c.streaming == StreamingLLM::Mode::sinks; },
        [](const KVConfig& c) { return concat(c.sinks); },
        [](KVConfig& c, std::string_view v) { c.sinks = read_index(v, "sinks"); }},
+      {"precision", [](const KVConfig& c) { return c.quantized(); },
+       [](const KVConfig& c) { return enum_text(c.precision, kPrecisionNames); },
+       [](KVConfig& c, std::string_view v) { c.precision = parse_enum(v, "precision", kPrecisionNames); },
+       [](const KVConfig& c) { return c.precision != AttendPrecision::exact; }},
   }};
   return keys;
 }
@@ -425,7 +440,7 @@ inline std::vector<std::string_view> KVConfig::keys() const {
 inline std::string KVConfig::to_string() const {
   std::string s = std::string(method_name(method)) + "," + any_detail::bits_token(key_bits, value_bits);
   for (const any_detail::ConfigKey& k : any_detail::config_keys())
-    if (k.applies(*this)) s += detail::concat(",", k.name, "=", k.write(*this));
+    if (k.applies(*this) && (k.written == nullptr || k.written(*this))) s += detail::concat(",", k.name, "=", k.write(*this));
   return s;
 }
 
@@ -595,7 +610,7 @@ class AnyCompressedKV {
   static variant_type make_one(const Shape& shape, const KVConfig& c, float scale) {
     constexpr BitPair p = kAnyBitPairs[I];
     return variant_type(std::in_place_index<I>, shape, c.selector(), c.quantizer<p.key>(Axis::channel),
-                        c.quantizer<p.value>(Axis::token), CacheOptions{c.residual, scale});
+                        c.quantizer<p.value>(Axis::token), CacheOptions{c.residual, scale, c.precision});
   }
   template <std::size_t... I>
   static variant_type make(const Shape& shape, const KVConfig& c, float scale, std::index_sequence<I...>) {
