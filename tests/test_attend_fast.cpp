@@ -90,6 +90,7 @@ TEST_CASE("attend at head_dim 128 over several split-K chunks: exact <= 1e-5, fa
     // AVX2 fast path: 16-token key tiles with a partial transpose (6 code dwords per row), three
     // value groups per row (no integer values: the exact value kernel with integer keys)
     SUBCASE("KIVI 4-bit, group 16, head_dim 48") { check<Kivi<4, 4, 16>>(900, p, small_d, 9, 8, 48); }
+    SUBCASE("KIVI 8-bit, head_dim 512") { check<Kivi<8>>(600, p, bound, 5, 8, 512); }
   }
 }
 
@@ -129,6 +130,28 @@ TEST_CASE("AttendPrecision::fast runs integer products exactly where the kernels
     CHECK(relative_l2(out[1], out[0]) <= 5e-4);
   } else {
     CHECK(out[1] == out[0]);
+  }
+}
+
+TEST_CASE("fast attention with 8-bit keys at head_dim 512 where every product is at its largest") {
+  // Keys alternating 0 / 1 in every channel (code 0 / 255) and an all-equal query: every folded
+  // query channel rounds to the integer maximum, so a token of ones sums D x 255 x that maximum,
+  // more than an int32 holds for 32767 (4.3e9): the AVX2 integer query's range shrinks there
+  // (KeyFold::qmax); the AVX-512 path sums its two 8-bit parts separately.
+  const Shape s{1, 4, 512};
+  const index_t N = 256, D = 512;
+  std::vector<float> k(static_cast<std::size_t>(N * D)), v = randn(k.size(), 41);
+  for (index_t t = 0; t < N; ++t)
+    for (index_t c = 0; c < D; ++c) k[static_cast<std::size_t>(t * D + c)] = static_cast<float>((t / 3) % 2);
+  std::vector<float> q(static_cast<std::size_t>(4 * D), 0.02f), out(q.size()), ref(q.size());
+  for (auto p : {AttendPrecision::exact, AttendPrecision::fast}) {
+    CAPTURE(static_cast<int>(p));
+    CompressedKV<KeepAll, Kivi<8>> cache(s, KeepAll{}, Kivi<8>{}, Kivi<8>{}, CacheOptions{0, 0.0f, p});
+    cache.compress(view(k.data(), 1, N, D), view(v.data(), 1, N, D), N);
+    cache.attend(q.data(), out.data());
+    const DenseKV d = cache.dequantize();
+    dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), cache.softmax_scale());
+    CHECK(relative_l2(out, ref) <= (p == AttendPrecision::exact ? 1e-5 : 5e-4));
   }
 }
 
