@@ -155,6 +155,44 @@ TEST_CASE("fast attention with 8-bit keys at head_dim 512 where every product is
   }
 }
 
+namespace {
+
+/// Attention over one KV head with zero queries (every weight equal): the output is the mean of
+/// the values, offset + about 1 / sqrt(N) of their spread, so a kernel that sums uncentred codes
+/// and a separate min term loses digits to cancellation (offset 0) or to the mean (offset 8).
+template <class Scheme>
+void check_mean(index_t N, float offset, AttendPrecision p) {
+  const Shape s{1, 4, 128};
+  auto k = randn(static_cast<std::size_t>(N * 128), 51);
+  auto v = randn(k.size(), 52);
+  for (auto& x : v) x += offset;
+  CompressedKV<KeepAll, Scheme> cache(s, KeepAll{}, Scheme{}, Scheme{}, CacheOptions{0, 0.0f, p});
+  cache.compress(view(k.data(), 1, N, 128), view(v.data(), 1, N, 128), N);
+  std::vector<float> q(4 * 128, 0.0f), out(q.size()), ref(q.size());
+  cache.attend(q.data(), out.data());
+  const DenseKV d = cache.dequantize();
+  dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), cache.softmax_scale());
+  CHECK(relative_l2(out, ref) <= (p == AttendPrecision::exact ? 1e-5 : 5e-4));
+}
+
+}  // namespace
+
+TEST_CASE("attend with equal weights: the mean of zero-mean and of offset values") {
+  // the exact AVX-512 value kernel folds each token's scale into its weight and adds the mins as
+  // one constant per block (value_block_folded) where a 16-byte code slice lies in one value
+  // group (KIVI-4 g32, KIVI-8, KIVI-2 g128), and dequantizes per lane elsewhere (KIVI-2 g32, KIVI-4 g16)
+  for (auto p : {AttendPrecision::exact, AttendPrecision::fast})
+    for (const float offset : {0.0f, 8.0f}) {
+      CAPTURE(static_cast<int>(p));
+      CAPTURE(offset);
+      SUBCASE("KIVI 4-bit, group 32") { check_mean<Kivi<4>>(4096 + 32, offset, p); }
+      SUBCASE("KIVI 8-bit, group 64") { check_mean<Kivi<8, 8, 64>>(4096, offset, p); }
+      SUBCASE("KIVI 2-bit, group 128") { check_mean<Kivi<2, 2, 128>>(4096, offset, p); }
+      SUBCASE("KIVI 2-bit, group 32") { check_mean<Kivi<2>>(4096, offset, p); }
+      SUBCASE("KIVI 4-bit, group 16") { check_mean<Kivi<4, 4, 16>>(4096, offset, p); }
+    }
+}
+
 TEST_CASE("attend when every logit is far below zero and the token count is not a multiple of 16") {
   // all logits about -141: a softmax max taken over lanes past the last token (read as 0) would
   // make every weight underflow to 0

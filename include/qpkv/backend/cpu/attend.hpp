@@ -155,7 +155,7 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
     const Partial p{m, l, acc};
     if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
       if (kernel == Kernel::kivi) {
-        const avx512::ValuePlan<VQ::bits> plan(D, vq.group);
+        const avx512::ValuePlan<VQ::bits> plan(D, vq.group, st.layout.block_tokens);
         avx512::kivi_item<KQ::bits, VQ::bits>(st, kl, vl, kq.group, plan, h, b0, b1, with_residual, qh, p,
                                               precision == AttendPrecision::fast && avx512_vnni_usable());
         return;
