@@ -157,9 +157,11 @@ TEST_CASE("fast attention with 8-bit keys at head_dim 512 where every product is
 
 namespace {
 
-/// Attention over one KV head with zero queries (every weight equal): the output is the mean of
-/// the values, offset + about 1 / sqrt(N) of their spread, so a kernel that sums uncentred codes
-/// and a separate min term loses digits to cancellation (offset 0) or to the mean (offset 8).
+/// Attention over one KV head with small queries (weights within a few percent of each other):
+/// the output is close to the mean of the values, offset + about 1 / sqrt(N) of their spread. A
+/// kernel that sums p s c over uncentred codes and p m apart loses digits to their cancellation
+/// at offset 0 (the exact AVX-512 value kernel with uncentred codes: 2.4e-6 for KIVI-8, 4.4e-6
+/// for KIVI-2 group 128; centred 1.0e-6 and 1.3e-6), hence the tighter exact bound there.
 template <class Scheme>
 void check_mean(index_t N, float offset, AttendPrecision p) {
   const Shape s{1, 4, 128};
@@ -168,16 +170,16 @@ void check_mean(index_t N, float offset, AttendPrecision p) {
   for (auto& x : v) x += offset;
   CompressedKV<KeepAll, Scheme> cache(s, KeepAll{}, Scheme{}, Scheme{}, CacheOptions{0, 0.0f, p});
   cache.compress(view(k.data(), 1, N, 128), view(v.data(), 1, N, 128), N);
-  std::vector<float> q(4 * 128, 0.0f), out(q.size()), ref(q.size());
+  std::vector<float> q = randn(4 * 128, 53, 0.3f), out(q.size()), ref(q.size());
   cache.attend(q.data(), out.data());
   const DenseKV d = cache.dequantize();
   dense_attention(d.key_view(), d.value_view(), q.data(), s.q_heads, ref.data(), cache.softmax_scale());
-  CHECK(relative_l2(out, ref) <= (p == AttendPrecision::exact ? 1e-5 : 5e-4));
+  CHECK(relative_l2(out, ref) <= (p == AttendPrecision::exact ? (offset == 0.0f ? 2e-6 : 1e-5) : 5e-4));
 }
 
 }  // namespace
 
-TEST_CASE("attend with equal weights: the mean of zero-mean and of offset values") {
+TEST_CASE("attend with nearly equal weights: the mean of zero-mean and of offset values") {
   // the exact AVX-512 value kernel folds each token's scale into its weight and adds the mins as
   // one constant per block (value_block_folded) where a 16-byte code slice lies in one value
   // group (KIVI-4 g32, KIVI-8, KIVI-2 g128), and dequantizes per lane elsewhere (KIVI-2 g32, KIVI-4 g16)
