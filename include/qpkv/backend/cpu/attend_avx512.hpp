@@ -453,7 +453,7 @@ QPKV_NOINLINE QPKV_TARGET void value_block(const std::uint8_t* part, const Affin
 /// a broadcast weight; the second sum is one constant per (query, group), added once per block.
 /// Centred codes keep the two sums from cancelling (the values' mean is in the constant). The
 /// accumulators stay in slice order for the whole work item. wb: scratch of NQ x B x per_row.
-/// KIVI-4 g32 exact, 32K tokens, 2 threads: 4.65 -> 4.45 ms; KIVI-8 4.88 -> 4.40 ms.
+/// KIVI-4 g32 exact, 32K tokens, 2 threads: 4.61 -> 4.34 ms; KIVI-8 g32 4.96 -> 4.51 ms (scripts/bench --compare).
 template <int VB>
 constexpr float fold_scale(int k) {
   return static_cast<float>(1u << (VB * k));  // k < 8 / VB
