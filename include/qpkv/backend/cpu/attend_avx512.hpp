@@ -137,6 +137,14 @@ struct MaxPs {
 QPKV_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) { return hreduce4(a, b, c, d, AddPs{}); }
 QPKV_INLINE __m128 hmax4(__m512 a, __m512 b, __m512 c, __m512 d) { return hreduce4(a, b, c, d, MaxPs{}); }
 
+/// v rotated by sh lanes: lane l takes lane (l + sh) % 16. Combined with v for sh = n, 2n, ..
+/// < 16 (n a power of two), lane g < n ends up with the reduction of the lanes n apart from it.
+QPKV_INLINE __m512 rotate_lanes(__m512 v, index_t sh) {
+  const __m512i r = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32(static_cast<int>(sh)));
+  return _mm512_permutexvar_ps(_mm512_and_si512(r, _mm512_set1_epi32(15)), v);
+}
+
 /// In-register transpose of 16 x 16 dwords: afterwards r[c] lane t = old r[t] lane c.
 QPKV_INLINE void transpose16(__m512i* r) {
   __m512i t[16], u[16];
@@ -316,7 +324,7 @@ struct ValuePlan {
   std::vector<std::int32_t> grp_idx;    // [slice][16]
   std::vector<index_t> grp0;            // [slice] first group of the slice
   bool folded = false;                  // value_block_folded() applies (every slice in one value group)
-  __m512i vtok{};                       // folded: lane -> token of a vector of 16 (token, group) scales
+  __m512i vtok{};                       // lane -> token of a vector of 16 (token, group) scales (value_block_folded, ValueFast)
 
   /// b: block tokens.
   QPKV_TARGET ValuePlan(index_t d, index_t g, index_t b) : D(d), G(g), per_row((d + g - 1) / g) {
@@ -485,12 +493,8 @@ QPKV_NOINLINE QPKV_TARGET void value_block_folded(const std::uint8_t* part, cons
   }
   alignas(64) float dcs[NQ][16];  // [i][g], g < per_row: the constant of group g
   for (int i = 0; i < NQ; ++i) {
-    for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
-      const __m512i r = _mm512_and_si512(
-          _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(sh))),
-          _mm512_set1_epi32(15));
-      dc[i] = _mm512_add_ps(dc[i], _mm512_permutexvar_ps(r, dc[i]));
-    }
+    for (index_t sh = per_row; sh < 16; sh *= 2)  // lanes of one group are per_row apart
+      dc[i] = _mm512_add_ps(dc[i], rotate_lanes(dc[i], sh));
     _mm512_store_ps(dcs[i], dc[i]);
   }
   const std::uint8_t* codes = part + l.codes;
@@ -564,10 +568,10 @@ struct ValueFast {
   __m512i vtok{}, vwords2{};           // weights(): lane -> token of a 16-scale vector; word order of two
   __m256i vwords{};                    //   vectors after packs, and of one vector
 
-  /// d: head_dim, g: value group (channels), b: block tokens, n: most tokens per pass (a multiple
-  /// of b), nq: queries.
-  QPKV_TARGET ValueFast(index_t d, index_t g, index_t b, index_t n, index_t nq)
-      : D(d), G(g), per_row((d + g - 1) / g), B(b), N(n) {
+  /// plan: head_dim, value group and lane -> token table of the call; b: block tokens, n: most
+  /// tokens per pass (a multiple of b), nq: queries.
+  QPKV_TARGET ValueFast(const ValuePlan<VB>& plan, index_t b, index_t n, index_t nq)
+      : D(plan.D), G(plan.G), per_row(plan.per_row), B(b), N(n), vtok(plan.vtok) {
     // 2 tokens x 32767 x (2^VB - 1) per dword lane per pair, N / 2 pairs: stay inside int32
     const double worst = static_cast<double>(n) * 32767.0 * ((1 << VB) - 1);
     ok = D % U == 0 && D % G == 0 && G % per == 0 && per_row <= 8 && 16 % per_row == 0 && B % 2 == 0 &&
@@ -587,9 +591,8 @@ struct ValueFast {
       }
       uniform[u] = same;
     }
-    alignas(64) std::int32_t tok[16], words[16];
+    alignas(64) std::int32_t words[16];
     alignas(64) std::int16_t words2[32];
-    for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
     // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
     for (int o = 0; o < 16; ++o) {
       const int pr = o / (2 * static_cast<int>(per_row)), gr = (o / 2) % static_cast<int>(per_row), par = o % 2;
@@ -600,7 +603,6 @@ struct ValueFast {
       const int l = words[o % 16];
       words2[o] = static_cast<std::int16_t>(8 * (l / 4) + 4 * (o / 16) + l % 4);
     }
-    vtok = _mm512_load_si512(tok);
     vwords = _mm512_cvtepi32_epi16(_mm512_load_si512(words));
     vwords2 = _mm512_load_si512(words2);
     wq.resize(static_cast<std::size_t>(nq * (N / 2) * per_row + 16));
@@ -643,11 +645,8 @@ struct ValueFast {
     const __mmask16 gm = tail_mask(per_row);
     for (int i = 0; i < NQ; ++i) {
       for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
-        const __m512i r = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(sh)));
-        const __m512i ri = _mm512_and_si512(r, _mm512_set1_epi32(15));
-        mx[i] = _mm512_max_ps(mx[i], _mm512_permutexvar_ps(ri, mx[i]));
-        mt[i] = _mm512_add_ps(mt[i], _mm512_permutexvar_ps(ri, mt[i]));
+        mx[i] = _mm512_max_ps(mx[i], rotate_lanes(mx[i], sh));
+        mt[i] = _mm512_add_ps(mt[i], rotate_lanes(mt[i], sh));
       }
       _mm512_mask_storeu_ps(step.data() + (i0 + i) * per_row, gm, _mm512_mul_ps(mx[i], _mm512_set1_ps(1.0f / 32767.0f)));
       _mm512_mask_storeu_ps(mterm.data() + (i0 + i) * per_row, gm, mt[i]);
@@ -997,7 +996,7 @@ QPKV_TARGET void kivi_item(const CacheState& st, const AffineLayout& kl, const A
   std::vector<float> sf(static_cast<std::size_t>(NB * plan.per_row + 16)), mf(sf.size());
   KeyFold<KB> fold(g, D, fast, q);
 #if defined(QPKV_CPU_AVX512VNNI)
-  ValueFast<VB> vf(D, plan.G, B, NB, g);
+  ValueFast<VB> vf(plan, B, NB, g);
   const bool fast_values = fast && vf.ok;
   const bool folded_values = plan.folded && !fast_values;
 #else
