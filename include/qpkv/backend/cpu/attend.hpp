@@ -105,17 +105,20 @@ void attend(const KQ& kq, const VQ& vq, const CacheState& st, const float* q, fl
   Kernel kernel = Kernel::portable;
   [[maybe_unused]] AffineLayout kl{}, vl{};
 #if defined(QPKV_CPU_AVX512_KERNELS)
-  if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
-    kl = kq.layout(B, D);
-    vl = vq.layout(B, D);
-    if (kq.axis == Axis::channel && vq.axis == Axis::token && kl.slots == 0 && vl.slots == 0 &&
-        avx512::kivi_supported<KQ::bits, VQ::bits>(B, D, kq.group, vq.group))
-      kernel = Kernel::kivi;
-  } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {
-    if (avx512::fp16_supported(D) && L.key_part == static_cast<std::size_t>(D) * 2) kernel = Kernel::fp16;
+  // run-time dispatch on a CPU without AVX-512 (simd.hpp): asked before anything else, so that no
+  // AVX-512 code runs there
+  if (avx512_usable()) {
+    if constexpr (detail::affine_half<KQ>::value && detail::affine_half<VQ>::value) {
+      kl = kq.layout(B, D);
+      vl = vq.layout(B, D);
+      if (kq.axis == Axis::channel && vq.axis == Axis::token && kl.slots == 0 && vl.slots == 0 &&
+          avx512::kivi_supported<KQ::bits, VQ::bits>(B, D, kq.group, vq.group))
+        kernel = Kernel::kivi;
+    } else if constexpr (std::is_same_v<KQ, Fp16> && std::is_same_v<VQ, Fp16>) {
+      if (avx512::fp16_supported(D) && L.key_part == static_cast<std::size_t>(D) * 2) kernel = Kernel::fp16;
+    }
+    if (st.residual > 0 && !avx512::fp16_supported(D)) kernel = Kernel::portable;
   }
-  if (st.residual > 0 && !avx512::fp16_supported(D)) kernel = Kernel::portable;
-  if (!avx512_usable()) kernel = Kernel::portable;  // run-time dispatch on a CPU without AVX-512 (simd.hpp)
 #endif
 #if defined(QPKV_CPU_AVX2_KERNELS)
   // no AVX-512 kernel for this call (no AVX-512, QPKV_CPU=avx2, or a shape only the 8-lane

@@ -274,7 +274,8 @@ inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride,
 }
 
 /// The fp16 kernel covers head_dim multiples of 16.
-inline QPKV_TARGET bool fp16_supported(index_t D) { return D % 16 == 0; }
+/// Shape checks: plain functions (no AVX-512 target), asked only after avx512_usable().
+inline bool fp16_supported(index_t D) { return D % 16 == 0; }
 
 // ------------------------------------------------------------------------------------------------
 // KIVI: keys per channel (Affine<KB, half>, Axis::channel), values per token (Affine<VB, half>,
@@ -282,7 +283,7 @@ inline QPKV_TARGET bool fp16_supported(index_t D) { return D % 16 == 0; }
 
 /// Is the SIMD kernel defined for these parts? (Otherwise attend.hpp uses the portable one.)
 template <int KB, int VB>
-QPKV_TARGET bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group) {
+bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group) {
   constexpr int vper = 8 / VB;
   const bool key_ok = D % 16 == 0 && (D * KB) % 32 == 0 && key_group % 16 == 0 && B % key_group == 0;
   const bool value_ok = (D * VB) % 128 == 0 && value_group % vper == 0;
