@@ -6,8 +6,8 @@
 // Oracles: every failure is a qpkv::Error; a cache that accepted its input attends to finite values
 // within 1e-3 of the float64 reference over its own dequantized contents (plus 1e-5 of the largest
 // value term's magnitude, for outputs where values cancel, and float32 logit rounding; fast: plus
-// the integer kernels' rounding bound), and dequantizes to finite values; appending a token and attending again keeps those
-// properties.
+// the integer kernels' rounding bound), and dequantizes to finite values; appending a token and
+// attending again keeps those properties.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
