@@ -357,16 +357,28 @@ void check_decode_bits(Axis axis, index_t T, index_t D, index_t group, unsigned 
 
 /// Encodes a few parts; every group's stored min and scale must be minmax_params' of its
 /// sequential min / max, and every code quant::encode's with those parameters.
+/// specials: signed zeros and NaN sprinkled in, and a stretch of zeros (-0 first) whose groups'
+/// min and max are zeros of either sign (the sequential loop keeps the first).
 template <int Bits, class S>
-void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned seed) {
+void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned seed, bool specials = false) {
   CAPTURE(Bits);
   CAPTURE(D);
+  CAPTURE(T);
   CAPTURE(group);
+  CAPTURE(specials);
   auto x = randn(static_cast<std::size_t>(3 * T * D), seed);
   for (auto& v : x) v = to_float(to_half(v));  // fp16 grid: exact .5 ties occur
   for (std::size_t i = 0; i < x.size(); i += 11) x[i] *= 50.0f;
   for (index_t t = 0; t < T; ++t)  // a constant stretch: scale 0 where a group lies inside it
     for (index_t c = 0; c < std::min<index_t>(D, 20); ++c) x[static_cast<std::size_t>(t * D + c)] = 1.5f;
+  if (specials) {
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      if (i % 13 == 5) x[i] = (i / 13) % 2 ? 0.0f : -0.0f;
+      if (i % 29 == 7) x[i] = std::numeric_limits<float>::quiet_NaN();
+    }
+    for (std::size_t i = 0; i < x.size(); ++i)  // zeros only, -0 first, in channels [D/2, D)
+      if (static_cast<index_t>(i % static_cast<std::size_t>(D)) >= D / 2) x[i] = i % 3 ? 0.0f : -0.0f;
+  }
   const Encoded<Bits, S> e(axis, T, D, group, x);
   const std::uint32_t maxc = (1u << Bits) - 1;
   for (index_t p = 0; p < e.parts; ++p) {
@@ -378,6 +390,8 @@ void check_encode_codes(Axis axis, index_t T, index_t D, index_t group, unsigned
         glo[g] = std::min(glo[g], xv(t, c));
         ghi[g] = std::max(ghi[g], xv(t, c));
       }
+    for (std::size_t g = 0; g < e.l.params; ++g)
+      if (glo[g] > ghi[g]) glo[g] = ghi[g] = 0.0f;  // all NaN: range (0, 0)
     bool params_same = true;
     for (std::size_t g = 0; g < e.l.params && params_same; ++g) {
       const quant::GroupParams gp = quant::minmax_params<S>(glo[g], ghi[g], maxc);
@@ -417,6 +431,17 @@ TEST_CASE("encode's parameters are minmax_params' and its codes quant::encode's 
     check_encode_codes<8, half>(Axis::token, 6, D, 12, 28);
     check_encode_codes<4, bfloat16>(Axis::token, 6, D, 32, 29);
     check_encode_codes<2, bfloat16>(Axis::channel, 32, D, 32, 30);
+  }
+  // the AVX2 encoders' shapes (head_dim a multiple of 32; token groups of 32k dividing it), with
+  // signed zeros and NaN, and more rows than one token batch (1024 groups) holds
+  for (const bool sp : {false, true}) {
+    check_encode_codes<4, half>(Axis::token, 300, 128, 32, 31, sp);
+    check_encode_codes<2, half>(Axis::token, 33, 128, 64, 32, sp);
+    check_encode_codes<8, float>(Axis::token, 17, 128, 128, 33, sp);
+    check_encode_codes<2, bfloat16>(Axis::token, 10, 96, 32, 34, sp);
+    check_encode_codes<4, half>(Axis::channel, 96, 128, 32, 35, sp);
+    check_encode_codes<2, half>(Axis::channel, 64, 64, 32, 36, sp);
+    check_encode_codes<8, bfloat16>(Axis::channel, 32, 96, 16, 37, sp);
   }
 }
 

@@ -33,6 +33,8 @@
 
 namespace qpkv::quant::fast {
 
+/// How far ahead of the range pass the AVX2 encoders prefetch their input (floats).
+inline constexpr index_t prefetch_floats = 1024;
 /// Largest head_dim (Axis::token: groups per batch) the stack buffers hold; larger goes generic.
 inline constexpr index_t max_dim = 1024;
 /// Calls with fewer input elements than this stay on the calling thread.
@@ -169,34 +171,84 @@ inline std::uint32_t code_of(float x, float m, float s, float fmaxc) {
 
 #if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
 QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
+/// code_of() of 8 elements with AVX2: the same operations in the same order (division, max(v, 0)
+/// and min(v, maxc) as x86 defines them, `a > b ? a : b`, so NaN -> 0 as in code_of; rounding to
+/// the nearest integer, ties to even, as the 2^23 add and quant::encode's nearbyint do under the
+/// default rounding mode), as dwords. Masked: the s > 0 select (a zero scale gives code 0), which
+/// a caller that knows s > 0 for all lanes leaves out.
+template <bool Masked = true>
+QPKV_INLINE_AVX2 __m256i codes8_avx2(__m256 x, __m256 m, __m256 s, __m256 vmax) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 v = _mm256_div_ps(_mm256_sub_ps(x, m), s);
+  v = _mm256_min_ps(_mm256_max_ps(v, zero), vmax);
+  const __m256i code = _mm256_cvtps_epi32(v);
+  if constexpr (!Masked) return code;
+  else return _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(s, zero, _CMP_GT_OQ)));
+}
+
+/// 32 codes (dwords, element order in c[0..3]) as 32 bytes in element order.
+QPKV_INLINE_AVX2 __m256i code_bytes32(const __m256i* c) {
+  // the two packs interleave 128-bit lanes, the permutation restores the order
+  const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+  return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/// 32 codes (c[0..3] as in code_bytes32) packed as pack.hpp packs them: 4 * Bits bytes at dst.
+template <int Bits>
+QPKV_INLINE_AVX2 void store_packed32(const __m256i* c, std::uint8_t* QPKV_RESTRICT dst) {
+  const __m256i b = code_bytes32(c);
+  if constexpr (Bits == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), b);
+  } else if constexpr (Bits == 4) {  // word i = b[2i] + 16 b[2i+1], then its low byte
+    const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x1001));
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
+  } else {  // Bits == 2: word i = b[2i] + 4 b[2i+1], dword j = w[2j] + 16 w[2j+1], its low byte
+    static_assert(Bits == 2, "store_packed32: Bits must be 2, 4 or 8");
+    const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x0401));
+    const __m256i d = _mm256_madd_epi16(w, _mm256_set1_epi32(0x00100001));
+    const __m256i lo = _mm256_shuffle_epi8(d, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256i p = _mm256_permutevar8x32_epi32(lo, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
+  }
+}
+
 /// code_of() for 32 elements at a time with AVX2 (builds that do not target AVX-512: there GCC
 /// turned the scalar loop's selects into branches and compare-and-jump, about 2 GB/s per thread).
-/// The same operations in the same order: division, max(v, 0) and min(v, maxc) as x86 defines
-/// them (`a > b ? a : b`, so NaN -> 0 as in code_of), the 2^23 rounding add, the s > 0 select.
 /// PerElement: parameters per element (mn, sc), else one (m1, s1) for all.
 template <bool PerElement>
 QPKV_TARGET_AVX2 void codes_avx2(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT mn,
                                  const float* QPKV_RESTRICT sc, float m1, float s1, index_t n, float fmaxc,
                                  std::uint8_t* QPKV_RESTRICT out) {
-  const __m256 zero = _mm256_setzero_ps(), vmax = _mm256_set1_ps(fmaxc), round = _mm256_set1_ps(8388608.0f);
-  const __m256i bias = _mm256_set1_epi32(0x4b000000), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256 vmax = _mm256_set1_ps(fmaxc);
   index_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i c[4];
     for (int k = 0; k < 4; ++k) {
       const __m256 m = PerElement ? _mm256_loadu_ps(mn + i + 8 * k) : _mm256_set1_ps(m1);
       const __m256 s = PerElement ? _mm256_loadu_ps(sc + i + 8 * k) : _mm256_set1_ps(s1);
-      __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * k), m), s);
-      v = _mm256_min_ps(_mm256_max_ps(v, zero), vmax);
-      const __m256i code = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(v, round)), bias);
-      c[k] = _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(s, zero, _CMP_GT_OQ)));
+      c[k] = codes8_avx2(_mm256_loadu_ps(x + i + 8 * k), m, s, vmax);
     }
-    // dwords -> bytes: the two packs interleave 128-bit lanes, the permutation restores the order
-    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(b, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code_bytes32(c));
   }
   for (; i < n; ++i)
     out[i] = static_cast<std::uint8_t>(PerElement ? code_of(x[i], mn[i], sc[i], fmaxc) : code_of(x[i], m1, s1, fmaxc));
+}
+
+/// Codes of one row (n a multiple of 32) with per-element parameters, packed straight into dst
+/// (pack_row's bytes, without the byte buffer between).
+template <int Bits>
+QPKV_TARGET_AVX2 void codes_packed_avx2(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT mn,
+                                        const float* QPKV_RESTRICT sc, index_t n, float fmaxc,
+                                        std::uint8_t* QPKV_RESTRICT dst) {
+  const __m256 vmax = _mm256_set1_ps(fmaxc);
+  for (index_t i = 0; i < n; i += 32) {
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k)
+      c[k] = codes8_avx2(_mm256_loadu_ps(x + i + 8 * k), _mm256_loadu_ps(mn + i + 8 * k), _mm256_loadu_ps(sc + i + 8 * k), vmax);
+    store_packed32<Bits>(c, dst + i / 8 * Bits);
+  }
 }
 QPKV_INTRINSICS_WARNINGS_ON
 #endif
@@ -382,17 +434,123 @@ bool encode_part_channel(const float* QPKV_RESTRICT x, index_t tokens, index_t d
     }
     if (!params<ScaleT>(lo, hi, dim, max_code(Bits), mn, sc, smn + gt * dim, ssc + gt * dim)) return false;
     for (index_t t = 0; t < group; ++t) {
+      std::uint8_t* row = part + codes_off + static_cast<std::size_t>(gt * group + t) * row_bytes;
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+      if constexpr (Bits == 2 || Bits == 4 || Bits == 8)
+        if (dim % 32 == 0 && cpu::avx2_kernels_usable()) {
+          // row t of the next group (of this part, or the next part's first) on its way meanwhile
+          for (index_t c = 0; c < dim; c += 16)
+            _mm_prefetch(reinterpret_cast<const char*>(xg + (group + t) * dim + c), _MM_HINT_T0);
+          codes_packed_avx2<Bits>(xg + t * dim, mn, sc, dim, fmaxc, row);
+          continue;
+        }
+#endif
       codes_vec(xg + t * dim, mn, sc, dim, fmaxc, codes);
-      pack_row<Bits>(codes, dim, part + codes_off + static_cast<std::size_t>(gt * group + t) * row_bytes);
+      pack_row<Bits>(codes, dim, row);
     }
   }
   return true;
 }
 
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+QPKV_INTRINSICS_WARNINGS_OFF  // simd.hpp
+template <bool Max>
+QPKV_INLINE_AVX2 __m256 minmax8(__m256 a, __m256 b) {
+  return Max ? _mm256_max_ps(a, b) : _mm256_min_ps(a, b);
+}
+
+/// Lane j = the min (Max: max) of the 8 lanes of v[j]. The vectors hold no NaN (running min_ps /
+/// max_ps from +-inf skip NaN elements), so only the sign of a zero can depend on the order.
+template <bool Max>
+QPKV_INLINE_AVX2 __m256 reduce8(const __m256* v) {
+  __m256 t[4];  // per 128-bit half: [v[2k] 0|2, v[2k+1] 0|2, v[2k] 1|3, v[2k+1] 1|3]
+  for (int k = 0; k < 4; ++k)
+    t[k] = minmax8<Max>(_mm256_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm256_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  // per 128-bit half: the four vectors' reductions over that half
+  const __m256 u0 = minmax8<Max>(_mm256_shuffle_ps(t[0], t[1], 0x44), _mm256_shuffle_ps(t[0], t[1], 0xee));
+  const __m256 u1 = minmax8<Max>(_mm256_shuffle_ps(t[2], t[3], 0x44), _mm256_shuffle_ps(t[2], t[3], 0xee));
+  return minmax8<Max>(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/// encode_part_token with AVX2 where every group is whole and a multiple of 32 elements (KIVI's
+/// value groups): one vector pass for the ranges (8 groups reduced together; a group whose min or
+/// max is zero, or that holds only NaN, is redone by range_of, which settles the sign of zero as
+/// the sequential loop does), params over the batch, then codes packed straight into the rows.
+template <int Bits, class ScaleT>
+QPKV_TARGET_AVX2 bool encode_part_token_avx2(const float* QPKV_RESTRICT x, index_t tokens, index_t dim, index_t group,
+                                             std::uint8_t* QPKV_RESTRICT part, std::size_t codes_off,
+                                             std::size_t row_bytes) {
+  const float fmaxc = static_cast<float>(max_code(Bits));
+  const __m256 vmax = _mm256_set1_ps(fmaxc);
+  const index_t per_row = dim / group;
+  const std::size_t P = static_cast<std::size_t>(tokens * per_row);
+  auto* ssc = reinterpret_cast<ScaleT*>(part);
+  auto* smn = reinterpret_cast<ScaleT*>(part + P * sizeof(ScaleT));
+  alignas(64) float lo[max_dim], hi[max_dim], mn[max_dim], sc[max_dim];
+  const index_t batch = max_dim / per_row;
+  for (index_t t0 = 0; t0 < tokens; t0 += batch) {
+    const index_t rows = tokens - t0 < batch ? tokens - t0 : batch;
+    const index_t ng = rows * per_row;
+    const float* xb = x + t0 * dim;  // the batch's groups are consecutive runs of `group` floats
+    for (index_t g0 = 0; g0 < ng; g0 += 8) {
+      __m256 vl[8], vh[8];
+      for (index_t j = 0; j < 8; ++j) {
+        __m256 l = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+        __m256 h = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        if (g0 + j < ng) {
+          const float* xg = xb + (g0 + j) * group;
+          for (index_t k = 0; k < group; k += 16)  // the input streams in once: ~4 KiB ahead
+            _mm_prefetch(reinterpret_cast<const char*>(xg + k + prefetch_floats), _MM_HINT_T0);
+          for (index_t k = 0; k < group; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xg + k);
+            l = _mm256_min_ps(v, l);
+            h = _mm256_max_ps(v, h);
+          }
+        }
+        vl[j] = l;
+        vh[j] = h;
+      }
+      alignas(32) float rl[8], rh[8];
+      _mm256_store_ps(rl, reduce8<false>(vl));
+      _mm256_store_ps(rh, reduce8<true>(vh));
+      for (index_t j = 0; j < 8 && g0 + j < ng; ++j) {
+        lo[g0 + j] = rl[j];
+        hi[g0 + j] = rh[j];
+        if (rl[j] == 0.0f || rh[j] == 0.0f || rl[j] > rh[j]) range_of(xb + (g0 + j) * group, group, lo[g0 + j], hi[g0 + j]);
+      }
+    }
+    if (!params<ScaleT>(lo, hi, ng, max_code(Bits), mn, sc, smn + t0 * per_row, ssc + t0 * per_row)) return false;
+    for (index_t g = 0; g < ng; ++g) {
+      const float* xg = xb + g * group;
+      const index_t r = g / per_row;
+      std::uint8_t* dst = part + codes_off + static_cast<std::size_t>(t0 + r) * row_bytes +
+                          static_cast<std::size_t>((g - r * per_row) * group / 8 * Bits);
+      if (!(sc[g] > 0.0f)) {  // constant group: code 0
+        std::memset(dst, 0, static_cast<std::size_t>(group / 8 * Bits));
+        continue;
+      }
+      const __m256 m = _mm256_set1_ps(mn[g]), s = _mm256_set1_ps(sc[g]);
+      for (index_t e = 0; e < group; e += 32) {
+        __m256i c[4];
+        for (int k = 0; k < 4; ++k) c[k] = codes8_avx2<false>(_mm256_loadu_ps(xg + e + 8 * k), m, s, vmax);
+        store_packed32<Bits>(c, dst + e / 8 * Bits);
+      }
+    }
+  }
+  return true;
+}
+QPKV_INTRINSICS_WARNINGS_ON
+#endif
+
 /// One part along Axis::token (dim <= max_dim).
 template <int Bits, class ScaleT>
 bool encode_part_token(const float* QPKV_RESTRICT x, index_t tokens, index_t dim, index_t group,
                        std::uint8_t* QPKV_RESTRICT part, std::size_t codes_off, std::size_t row_bytes) {
+#if defined(QPKV_CPU_AVX2_KERNELS) && !defined(QPKV_CPU_AVX512)
+  if constexpr (Bits == 2 || Bits == 4 || Bits == 8)
+    if (group % 32 == 0 && dim % group == 0 && cpu::avx2_kernels_usable())
+      return encode_part_token_avx2<Bits, ScaleT>(x, tokens, dim, group, part, codes_off, row_bytes);
+#endif
   const float fmaxc = static_cast<float>(max_code(Bits));
   const index_t per_row = (dim + group - 1) / group;
   const std::size_t P = static_cast<std::size_t>(tokens * per_row);
