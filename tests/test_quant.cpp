@@ -184,6 +184,27 @@ TEST_CASE("affine codes follow KIVI's float32 rule bit for bit") {
   }
 }
 
+TEST_CASE("a NaN element gets code 0 in the element rules and in every encode path (found by fuzz_quant)") {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  CHECK(quant::encode(nan, -1.0f, 0.5f, 15) == 0u);
+  CHECK(quant::encode(nan, 0.0f, 1.0f, 255) == 0u);
+  CHECK(quant::hqq_encode(nan, quant::hqq_init(-1.0f, 1.0f, 7), 7) == 0u);
+  CHECK(quant::encode(-0.0f, 0.0f, 1.0f, 15) == 0u);  // the clamp's other edge as before
+  CHECK(quant::encode(20.0f, 0.0f, 1.0f, 15) == 15u);
+  // 3-bit (the generic path) and 4-bit (the fast paths) alike: the NaN's code is 0
+  std::vector<float> x(64);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 9) - 4.0f;
+  x[5] = nan;
+  Affine<3> q3;
+  Affine<4> q4;
+  q3.axis = q4.axis = Axis::token;
+  std::vector<std::uint8_t> b3(q3.part_bytes(2, 32)), b4(q4.part_bytes(2, 32));
+  q3.encode(x.data(), 1, 2, 32, b3.data(), b3.size());
+  q4.encode(x.data(), 1, 2, 32, b4.data(), b4.size());
+  CHECK(quant::unpack_one<3>(b3.data() + q3.layout(2, 32).codes, 5) == 0u);
+  CHECK(quant::unpack_one<4>(b4.data() + q4.layout(2, 32).codes, 5) == 0u);
+}
+
 TEST_CASE("outliers are stored exactly and shrink the group range") {
   Affine<4, float> q;
   q.axis = Axis::token;

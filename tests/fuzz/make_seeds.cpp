@@ -1,5 +1,5 @@
 // Writes the seed corpus of the fuzz targets: make_seeds DIR creates DIR/{npy,safetensors,
-// cache_load,pipeline}/ with a few small valid inputs each (committed as tests/fuzz/corpus/).
+// cache_load,pipeline,quant}/ with a few small valid inputs each (committed as tests/fuzz/corpus/).
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -28,7 +28,7 @@ void write(const fs::path& p, const std::string& bytes) {
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
   const fs::path dir = argv[1];
-  for (const char* sub : {"npy", "safetensors", "cache_load", "pipeline"}) fs::create_directories(dir / sub);
+  for (const char* sub : {"npy", "safetensors", "cache_load", "pipeline", "quant"}) fs::create_directories(dir / sub);
 
   const auto x = wave(24, 0.7f);
   qpkv::io::save_npy((dir / "npy" / "f4_2x3x4.npy").string(), x.data(), {2, 3, 4});
@@ -81,6 +81,21 @@ int main(int argc, char** argv) {
     s.assign(reinterpret_cast<const char*>(head), sizeof head);
     for (int i = 0; i < 4000; ++i) s += static_cast<char>((i * 37 + seed * 11) % 251);
     write(dir / "pipeline" / ("seed" + std::to_string(seed)), s);
+  }
+
+  // quant: bits, scale type, axis, head_dim, group, tokens, parts, value mode (see fuzz_quant.cpp),
+  // then data bytes: 4-bit half values of head_dim 128 in groups of 32, 2-bit bfloat16 values in
+  // groups of 64, 8-bit float keys of head_dim 96, 4-bit half keys with specials, 4-bit values of 0..7, 3-bit values with
+  // specials (the generic path; NaN reached its float->int conversion before the twelfth session)
+  // (mode byte: mode % 4, 2^(mode / 4 % 64 - 40); the last seed: 0..7 with zeros of both signs)
+  const unsigned char quant_heads[][8] = {{3, 0, 0, 5, 2, 31, 1, 161}, {1, 2, 0, 5, 3, 12, 2, 161},
+                                          {4, 1, 1, 4, 2, 1, 1, 160}, {3, 0, 1, 5, 2, 0, 1, 162},
+                                          {3, 0, 0, 5, 2, 20, 1, 163}, {2, 0, 0, 5, 2, 10, 1, 162}};
+  for (int seed = 0; seed < 6; ++seed) {
+    std::string s(reinterpret_cast<const char*>(quant_heads[seed]), 8);
+    for (int i = 0; i < 12000; ++i)  // the last seed: NaN (byte 242) among finite values only
+      s += static_cast<char>(seed == 5 ? (i % 17 == 3 ? 242 : (i * 53) % 200) : (i * 53 + seed * 7) % 253);
+    write(dir / "quant" / ("seed" + std::to_string(seed)), s);
   }
   return 0;
 }

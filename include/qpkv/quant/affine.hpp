@@ -21,11 +21,13 @@ namespace qpkv::quant {
 QPKV_HD constexpr std::uint32_t max_code(int bits) { return (1u << bits) - 1u; }
 
 /// KIVI's code for x: clamp-then-round, float32 true division, round half to even (nearbyint
-/// under the default rounding mode). A zero scale (constant group) maps everything to code 0.
+/// under the default rounding mode). A zero scale (constant group) maps everything to code 0, and
+/// so does a NaN x (the clamp's `v > 0 ? v : 0` takes it to 0, as the vector paths' max(v, 0)
+/// does; converting a NaN to an integer would be undefined).
 QPKV_HD std::uint32_t encode(float x, float min, float scale, std::uint32_t maxc) {
   if (!(scale > 0.0f)) return 0u;
   float v = (x - min) / scale;
-  v = v < 0.0f ? 0.0f : v;
+  v = v > 0.0f ? v : 0.0f;
   const float hi = static_cast<float>(maxc);
   v = v > hi ? hi : v;
   return static_cast<std::uint32_t>(std::nearbyint(v));

@@ -48,7 +48,7 @@ inline HqqGroup hqq_init(float lo, float hi, std::uint32_t maxc) {
 
 QPKV_HD std::uint32_t hqq_encode(float x, const HqqGroup& g, std::uint32_t maxc) {
   float v = std::nearbyint(mul_rn(x, g.inv) + g.zero);  // torch: two roundings (affine.hpp)
-  v = v < 0.0f ? 0.0f : v;
+  v = v > 0.0f ? v : 0.0f;  // NaN -> 0, as quant::encode
   const float hi = static_cast<float>(maxc);
   return static_cast<std::uint32_t>(v > hi ? hi : v);
 }
