@@ -19,28 +19,11 @@
 
 #include "qpkv/attention/dense.hpp"
 #include "qpkv/cache/any_cache.hpp"
+#include "fuzz_bytes.hpp"
 
 namespace {
 
-struct Bytes {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t byte() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  float value(bool raw, float scale) {
-    if (raw) {
-      std::uint32_t u = 0;
-      for (int i = 0; i < 4; ++i) u |= static_cast<std::uint32_t>(byte()) << (8 * i);
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    }
-    return static_cast<float>(static_cast<std::int8_t>(byte())) * scale;
-  }
-};
+using qpkv_fuzz::Bytes;
 
 // What the kernels add up is not the dequantized value s c + m but its terms (s c and m, or, centred,
 // s (c - 2^(b-1)) and m + 2^(b-1) s), so their float rounding is relative to the terms: a value
@@ -147,9 +130,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
 
   std::vector<float> k(static_cast<std::size_t>(kv * N * dim)), v(k.size()), q(static_cast<std::size_t>(kv * ratio * N * dim));
-  for (auto& x : k) x = b.value(raw, scale);
-  for (auto& x : v) x = b.value(raw, scale);
-  for (auto& x : q) x = b.value(raw, scale);
+  for (auto& x : k) x = (raw ? b.raw_float() : b.small(scale));
+  for (auto& x : v) x = (raw ? b.raw_float() : b.small(scale));
+  for (auto& x : q) x = (raw ? b.raw_float() : b.small(scale));
   try {
     qpkv::AnyCompressedKV c(shape, config);
     c.compress(qpkv::view(k.data(), kv, N, dim), qpkv::view(v.data(), kv, N, dim), qpkv::view(q.data(), kv * ratio, N, dim),

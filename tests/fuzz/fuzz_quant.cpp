@@ -18,30 +18,16 @@
 #include <limits>
 #include <vector>
 
+#include "fuzz_bytes.hpp"
 #include "qpkv/quant/affine_quantizer.hpp"
 
 namespace {
 
 using qpkv::index_t;
-
-struct Bytes {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t byte() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-};
+using qpkv_fuzz::Bytes;
 
 float value(Bytes& b, int mode, float scale) {
-  if (mode == 0) {  // raw bits
-    std::uint32_t u = 0;
-    for (int i = 0; i < 4; ++i) u |= static_cast<std::uint32_t>(b.byte()) << (8 * i);
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  if (mode == 0) return b.raw_float();
   const std::uint8_t v = b.byte();
   if (mode >= 2 && v >= 240) {  // specials
     constexpr float inf = std::numeric_limits<float>::infinity();
