@@ -11,7 +11,9 @@
 //    round_down / round_up in dtype.hpp and affine.hpp, as selects) over whole arrays;
 //  - codes: true division, the clamp, then round-half-even by adding 2^23 (for v in [0, 255] the
 //    float add rounds exactly as nearbyint does, and the integer is the low mantissa bits);
-//  - packing: pack.hpp per row.
+//  - packing: pack.hpp per row; the AVX2 paths (builds without AVX-512) pack 32 codes in registers
+//    (store_packed32) straight into the row, and values take one fused pass per batch
+//    (encode_part_token_avx2).
 // Parts are independent, so they run under OpenMP when the call is large; every byte of a part
 // is computed by one thread with the same code, so the result does not depend on the thread count.
 #pragma once
