@@ -216,6 +216,18 @@ QPKV_INLINE_AVX2 void store_packed32(const __m256i* c, std::uint8_t* QPKV_RESTRI
   }
 }
 
+/// codes8_avx2() of the 32 elements at x (c[0..3], element order): parameters per element (mn,
+/// sc; PerElement) or one (m1, s1) for all; mn and sc are not read without PerElement.
+template <bool PerElement>
+QPKV_INLINE_AVX2 void codes32_avx2(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT mn,
+                                   const float* QPKV_RESTRICT sc, float m1, float s1, __m256 vmax, __m256i* c) {
+  for (int k = 0; k < 4; ++k) {
+    const __m256 m = PerElement ? _mm256_loadu_ps(mn + 8 * k) : _mm256_set1_ps(m1);
+    const __m256 s = PerElement ? _mm256_loadu_ps(sc + 8 * k) : _mm256_set1_ps(s1);
+    c[k] = codes8_avx2(_mm256_loadu_ps(x + 8 * k), m, s, vmax);
+  }
+}
+
 /// code_of() for 32 elements at a time with AVX2 (builds that do not target AVX-512: there GCC
 /// turned the scalar loop's selects into branches and compare-and-jump, about 2 GB/s per thread).
 /// PerElement: parameters per element (mn, sc), else one (m1, s1) for all.
@@ -227,11 +239,7 @@ QPKV_TARGET_AVX2 void codes_avx2(const float* QPKV_RESTRICT x, const float* QPKV
   index_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i c[4];
-    for (int k = 0; k < 4; ++k) {
-      const __m256 m = PerElement ? _mm256_loadu_ps(mn + i + 8 * k) : _mm256_set1_ps(m1);
-      const __m256 s = PerElement ? _mm256_loadu_ps(sc + i + 8 * k) : _mm256_set1_ps(s1);
-      c[k] = codes8_avx2(_mm256_loadu_ps(x + i + 8 * k), m, s, vmax);
-    }
+    codes32_avx2<PerElement>(x + i, PerElement ? mn + i : mn, PerElement ? sc + i : sc, m1, s1, vmax, c);  // (mn, sc null otherwise)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code_bytes32(c));
   }
   for (; i < n; ++i)
@@ -247,8 +255,7 @@ QPKV_TARGET_AVX2 void codes_packed_avx2(const float* QPKV_RESTRICT x, const floa
   const __m256 vmax = _mm256_set1_ps(fmaxc);
   for (index_t i = 0; i < n; i += 32) {
     __m256i c[4];
-    for (int k = 0; k < 4; ++k)
-      c[k] = codes8_avx2(_mm256_loadu_ps(x + i + 8 * k), _mm256_loadu_ps(mn + i + 8 * k), _mm256_loadu_ps(sc + i + 8 * k), vmax);
+    codes32_avx2<true>(x + i, mn + i, sc + i, 0.0f, 0.0f, vmax, c);
     store_packed32<Bits>(c, dst + i / 8 * Bits);
   }
 }
