@@ -5,9 +5,10 @@
 // run-time dispatch builds.
 //
 // The same algorithms as the exact AVX-512 kernels (attend_avx512.hpp), on 8-lane vectors:
-//  - KIVI keys (per-channel groups): 8 tokens at a time, their packed code rows transposed as 8x8
-//    dwords so each lane is one token; per key group the channel scales are folded into the query
-//    once (q.k = sum_c (q_c s_c)(code_c - 2^(b-1)) + sum_c q_c (m_c + 2^(b-1) s_c)), the centred
+//  - KIVI keys (per-channel groups): 8 tokens at a time (16, two halves sharing each query
+//    broadcast, where the key group allows and the keys have at most 4 bits), their packed code
+//    rows transposed as 8x8 dwords so each lane is one token; per key group the channel scales
+//    are folded into the query once (q.k = sum_c (q_c s_c)(code_c - 2^(b-1)) + sum_c q_c (m_c + 2^(b-1) s_c)), the centred
 //    codes made floats exactly with the 2^23 trick, read in place within 16-bit spans of a dword
 //    (the span's power of two carried by the query, exactly), float FMAs with tokens in lanes;
 //  - KIVI values (per-token groups): each 8-byte slice of a code row widened once to 8 dwords,
@@ -747,7 +748,9 @@ struct KeyFold {
 /// scales); for 2-bit codes spans of 8 bits made KIVI-2 7% slower than one shift per code, so
 /// they keep that (span = b). (An array of the span vectors computed before the code loop cost
 /// another 6-10%: the shift is written at its use and the compiler shares it.)
-template <int KB, int NQ>
+/// H halves of 8 tokens (rows 8 h ..) share each query broadcast; the code loop carries an unroll
+/// pragma (GCC 12 left it rolled for H = 2 and kept the accumulators on the stack: 1.2x slower).
+template <int KB, int NQ, int H = 1>
 QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                                float* logits, index_t lstride, Prefetch& pf) {
   constexpr int cpd = 32 / KB, half = KeyFold<KB>::half, span = KeyFold<KB>::span;
@@ -759,34 +762,45 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
     mask[e] = _mm256_set1_epi32(((1 << KB) - 1) << (KB * e));
     off[e] = _mm256_set1_ps(8388608.0f + KeyFold<KB>::centre * static_cast<float>(1 << (KB * e)));
   }
-  __m256 acc[NQ];
-  for (int i = 0; i < NQ; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc[H][NQ];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < NQ; ++i) acc[h][i] = _mm256_setzero_ps();
   const float* qs = f.qs.data() + qi * D;
   for (index_t w0 = 0; w0 < dwords; w0 += 8) {
     const index_t nw = std::min<index_t>(8, dwords - w0);
-    __m256i r[8];
-    if (nw == 8) {
-      for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + t * row + w0 * 4));
-    } else {
-      const __m256i mk = tail8(nw);
-      for (int t = 0; t < 8; ++t) r[t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(codes + t * row + w0 * 4), mk);
+    __m256i r[H][8];
+    for (int h = 0; h < H; ++h) {
+      const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
+      if (nw == 8) {
+        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
+      } else {
+        const __m256i mk = tail8(nw);
+        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
+      }
+      transpose8(r[h]);
     }
-    transpose8(r);
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
-      const __m256i col = r[w];
       const float* qw = qs + (w0 + w) * cpd;
+#pragma GCC unroll 16
       for (int e = 0; e < cpd; ++e) {
-        // the span's shift, where it has one (the compiler shares it between the span's codes)
-        const __m256i src = e < half ? col : _mm256_srli_epi32(col, span * (e / half));
-        const __m256i c = _mm256_or_si256(_mm256_and_si256(src, mask[e % half]), magic);
-        const __m256 x = _mm256_sub_ps(_mm256_castsi256_ps(c), off[e % half]);
-        for (int i = 0; i < NQ; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(qw + i * D + e), x, acc[i]);
+        __m256 x[H];
+        for (int h = 0; h < H; ++h) {
+          // the span's shift, where it has one (the compiler shares it between the span's codes)
+          const __m256i src = e < half ? r[h][w] : _mm256_srli_epi32(r[h][w], span * (e / half));
+          const __m256i c = _mm256_or_si256(_mm256_and_si256(src, mask[e % half]), magic);
+          x[h] = _mm256_sub_ps(_mm256_castsi256_ps(c), off[e % half]);
+        }
+        for (int i = 0; i < NQ; ++i) {
+          const __m256 qv = _mm256_broadcast_ss(qw + i * D + e);
+          for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(qv, x[h], acc[h][i]);
+        }
       }
     }
   }
   for (int i = 0; i < NQ; ++i)
-    _mm256_storeu_ps(logits + (qi + i) * lstride, _mm256_add_ps(acc[i], _mm256_set1_ps(f.bias[qi + i])));
+    for (int h = 0; h < H; ++h)
+      _mm256_storeu_ps(logits + (qi + i) * lstride + 8 * h, _mm256_add_ps(acc[h][i], _mm256_set1_ps(f.bias[qi + i])));
 }
 
 /// key_tile() of the fast path: the logits of 8 H tokens (H = 1 or 2 halves of 8) from integer
@@ -854,7 +868,9 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
   ValueFast<VB> vf(plan, B, g, fast);
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 8)), mf(sf.size());
   KeyFold<KB> fold(g, D, q, fast);
-  const index_t tile = fold.fast && key_group % 16 == 0 ? 16 : 8;  // tokens per key tile
+  // tokens per key tile: 16 where the key group allows, except exact 8-bit keys (their 16-token
+  // tile kept accumulators on the stack as GCC 12 compiled it)
+  const index_t tile = key_group % 16 == 0 && (fold.fast || KB <= 4) ? 16 : 8;
   const std::size_t bb = L.block_bytes();
   Prefetch pf;
   pf.next = st.data + L.block_offset(h, b0);
@@ -872,7 +888,7 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
       for (index_t t0 = gt * key_group; t0 < (gt + 1) * key_group; t0 += tile) {
         const std::uint8_t* codes = block + kl.codes + static_cast<std::size_t>(t0) * kl.row_bytes;
         float* lg = logits.data() + t0;
-        if (tile == 16) {
+        if (tile == 16 && fold.fast) {
           for_query_tiles<4>(
               g, [&](index_t i) { key_tile_int<KB, 4, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
               [&](index_t i) { key_tile_int<KB, 2, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
@@ -882,6 +898,11 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
               g, [&](index_t i) { key_tile_int<KB, 4, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
               [&](index_t i) { key_tile_int<KB, 2, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
               [&](index_t i) { key_tile_int<KB, 1, 1>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
+        else if (tile == 16)
+          for_query_tiles<4>(
+              g, [&](index_t i) { key_tile<KB, 4, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile<KB, 2, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
+              [&](index_t i) { key_tile<KB, 1, 2>(codes, kl.row_bytes, D, fold, i, lg, B, pf); });
         else
           for_query_tiles<4>(
               g, [&](index_t i) { key_tile<KB, 4>(codes, kl.row_bytes, D, fold, i, lg, B, pf); },
