@@ -280,6 +280,7 @@ struct ValuePlan {
   std::vector<std::int32_t> grp_idx;  // [slice][8]
   std::vector<index_t> grp0;          // [slice] first group of the slice
   std::vector<char> uniform;          // [slice]: all 8 lanes in group grp0
+  bool all_uniform = true;            // every slice in one group
 
   ValuePlan(index_t d, index_t g) : D(d), G(g), per_row((d + g - 1) / g) {
     const index_t slices = D / U;
@@ -294,6 +295,7 @@ struct ValuePlan {
         same = same && grp_idx[u * 8 + j] == 0;
       }
       uniform[u] = same;
+      all_uniform = all_uniform && same;
     }
   }
 
@@ -372,6 +374,106 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block(const std::uint8_t* part, const 
     if (plan.uniform[u] != 0) value_slice<VB, NQ, true>(part, l, B, plan, u, p, pstride, acc, sf, mf, pf);
     else value_slice<VB, NQ, false>(part, l, B, plan, u, p, pstride, acc, sf, mf, pf);
   }
+}
+
+/// 2^(VB k): value_block_folded()'s accumulator k holds this times its sum.
+template <int VB>
+constexpr float fold_scale(int k) {
+  return static_cast<float>(1u << (VB * k));  // k < 8 / VB
+}
+
+/// Does value_block_folded() apply to blocks of B tokens? Every slice in one value group, whole
+/// groups per row, and the [token][group] scales fill whole vectors with each group's lanes
+/// per_row apart.
+template <int VB>
+bool value_folded_ok(const ValuePlan<VB>& plan, index_t B) {
+  return plan.all_uniform && plan.D % plan.G == 0 && 8 % plan.per_row == 0 && (B * plan.per_row) % 8 == 0;
+}
+
+/// value_block() with the token's value scale folded into its softmax weight, as the AVX-512
+/// kernel's value_block_folded() (there the derivation): v = s (c - centre) + (m + centre s), so
+/// sum_t p_t v_t = sum_t (p_t s_t)(c_t - centre) + sum_t p_t (m_t + centre s_t), the second sum one
+/// constant per (query, group), added once per block. Code vector k of a slice is a float by one
+/// and, one or (2^23 | the code's bits where they are) and one subtraction, which leaves 2^(VB k)
+/// (c - centre) exactly; accumulator k holds 2^(VB k) times its sum (undone by
+/// folded_to_natural() at the end of the work item). Per token, slice and query: one FMA per code
+/// vector, against value_slice()'s shift, conversion and dequantizing FMA per vector and broadcast
+/// scale and min per token. wb: scratch of NQ x B x per_row floats.
+template <int VB, int NQ>
+QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part, const AffineLayout& l, index_t B,
+                                                       const ValuePlan<VB>& plan, const float* p, index_t pstride,
+                                                       float* acc, const float* sf, const float* mf, float* wb,
+                                                       Prefetch& pf) {
+  constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
+  constexpr float centre = static_cast<float>(1 << (VB - 1));
+  const index_t D = plan.D, per_row = plan.per_row, nv = B * per_row / 8, tz = 8 / per_row;
+  const std::size_t wrow = static_cast<std::size_t>(B * per_row);
+  // the weights w = p s per (query, token, group) and the constants sum_t p (m + centre s); lane
+  // l of a vector of 8 scales is token l / per_row, group l % per_row
+  alignas(32) std::int32_t tk[8];
+  for (int j = 0; j < 8; ++j) tk[j] = static_cast<std::int32_t>(j / per_row);
+  const __m256i tok = _mm256_load_si256(reinterpret_cast<const __m256i*>(tk));
+  __m256 dc[NQ];
+  for (int i = 0; i < NQ; ++i) dc[i] = _mm256_setzero_ps();
+  for (index_t v = 0; v < nv; ++v) {
+    const __m256 S = _mm256_loadu_ps(sf + v * 8);
+    const __m256 M = _mm256_fmadd_ps(_mm256_set1_ps(centre), S, _mm256_loadu_ps(mf + v * 8));
+    for (int i = 0; i < NQ; ++i) {
+      const __m256 P = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p + i * pstride + v * tz), tok);
+      _mm256_storeu_ps(wb + i * wrow + v * 8, _mm256_mul_ps(P, S));
+      dc[i] = _mm256_fmadd_ps(P, M, dc[i]);
+    }
+  }
+  alignas(32) float dcs[NQ][8];  // [i][g], g < per_row: the constant of group g
+  for (int i = 0; i < NQ; ++i) {
+    for (index_t sh = per_row; sh < 8; sh *= 2) {  // lanes of one group are per_row apart
+      const __m256i r = _mm256_and_si256(
+          _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(sh))),
+          _mm256_set1_epi32(7));
+      dc[i] = _mm256_add_ps(dc[i], _mm256_permutevar8x32_ps(dc[i], r));
+    }
+    _mm256_store_ps(dcs[i], dc[i]);
+  }
+  const std::uint8_t* codes = part + l.codes;
+  const std::size_t row = l.row_bytes;
+  const __m256i magic = _mm256_set1_epi32(0x4B000000);  // 2^23 | x is the float 2^23 + x (x < 2^23)
+  for (index_t u = 0; u < D / U; ++u) {
+    const index_t g0 = plan.grp0[u];
+    __m256 a[NQ][per];
+    for (int i = 0; i < NQ; ++i)
+      for (int k = 0; k < per; ++k)
+        a[i][k] = _mm256_add_ps(_mm256_loadu_ps(acc + i * D + u * U + 8 * k), _mm256_set1_ps(dcs[i][g0] * fold_scale<VB>(k)));
+    const float* w = wb + g0;
+    const std::uint8_t* r = codes + u * 8;
+    for (index_t t = 0; t < B; ++t, w += per_row, r += row) {
+      pf.step();
+      const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
+      __m256 x[per];  // 2^(VB k) (code - centre)
+      for (int k = 0; k < per; ++k)
+        x[k] = _mm256_sub_ps(
+            _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(d, _mm256_set1_epi32(((1 << VB) - 1) << (VB * k))), magic)),
+            _mm256_set1_ps(8388608.0f + centre * fold_scale<VB>(k)));
+      for (int i = 0; i < NQ; ++i) {
+        const __m256 wi = _mm256_broadcast_ss(w + i * wrow);
+        for (int k = 0; k < per; ++k) a[i][k] = _mm256_fmadd_ps(wi, x[k], a[i][k]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i)
+      for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
+  }
+}
+
+/// value_block_folded()'s accumulators (slice order, vector k scaled by 2^(VB k)): the scales
+/// undone, in place, for g rows of D (slice order stays).
+template <int VB>
+QPKV_TARGET_AVX2 void folded_unscale(float* acc, index_t g, index_t D) {
+  constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
+  for (index_t i = 0; i < g; ++i)
+    for (index_t u = 0; u < D / U; ++u)
+      for (int k = 1; k < per; ++k) {
+        float* a = acc + i * D + u * U + 8 * k;
+        _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_set1_ps(1.0f / fold_scale<VB>(k))));
+      }
 }
 
 /// acc + vpmaddwd(a, b), the sum kept in order: the empty asm stops GCC from reassociating the
@@ -866,6 +968,8 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
   constexpr int kValueTile = VB == 2 ? 2 : 4;  // 2-bit: 4 code vectors x the tile's accumulators in 16 registers
   std::vector<float> logits(static_cast<std::size_t>(g * B + 8));  // + 8: ValueFast reads whole vectors
   ValueFast<VB> vf(plan, B, g, fast);
+  const bool folded = !vf.ok && value_folded_ok(plan, B);
+  std::vector<float> wb(folded ? static_cast<std::size_t>(kValueTile * B * plan.per_row) : 0);  // value_block_folded()
   std::vector<float> sf(static_cast<std::size_t>(B * plan.per_row + 8)), mf(sf.size());
   KeyFold<KB> fold(g, D, q, fast);
   // tokens per key tile: 16 where the key group allows, except exact 8-bit keys (their 16-token
@@ -923,12 +1027,27 @@ QPKV_TARGET_AVX2 void kivi_item(const CacheState& st, const AffineLayout& kl, co
           [&](index_t i) { vf.template accumulate<1>(vc, vl.row_bytes, plan, i, p.acc, pf); });
       continue;
     }
+    if (folded) {
+      for_query_tiles<kValueTile>(
+          g,
+          [&](index_t i) {
+            value_block_folded<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), wb.data(), pf);
+          },
+          [&](index_t i) {
+            value_block_folded<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), wb.data(), pf);
+          },
+          [&](index_t i) {
+            value_block_folded<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), wb.data(), pf);
+          });
+      continue;
+    }
     for_query_tiles<kValueTile>(
         g, [&](index_t i) { value_block<VB, 4>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
         [&](index_t i) { value_block<VB, 2>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); },
         [&](index_t i) { value_block<VB, 1>(vpart, vl, B, plan, logits.data() + i * B, B, p.acc + i * D, sf.data(), mf.data(), pf); });
   }
   std::vector<float> tmp(static_cast<std::size_t>(D));
+  if (folded) folded_unscale<VB>(p.acc, g, D);
   plan.natural_order(p.acc, g, tmp.data());
   if (residual && st.residual > 0) {
     const std::uint8_t* rk = st.data + L.residual_key_offset(h, 0);
