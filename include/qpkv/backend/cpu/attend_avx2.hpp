@@ -14,9 +14,11 @@
 //  - KIVI values (per-token groups): each 8-byte slice of a code row widened once to 8 dwords,
 //    shifted into the 8/b code vectors (lane j of vector k = channel (8/b) j + k), dequantized
 //    with the token's scale and min (broadcast where the slice lies in one group, else permuted
-//    per lane) and accumulated for a tile of queries. The
-//    accumulators stay in that slice order for the whole work item (the online-softmax rescaling
-//    is per element) and are put back in channel order once, at its end;
+//    per lane) and accumulated for a tile of queries; where every slice lies in one value group
+//    (value_block_folded) the token's scale goes into its softmax weight instead and the centred
+//    codes are read in place, as in the AVX-512 kernel. The accumulators stay in that slice
+//    order for the whole work item (the online-softmax rescaling is per element) and are put
+//    back in channel order once, at its end;
 //  - fp16 rows (Fp16 caches, every cache's residual): F16C conversion, 4 queries per key row;
 //  - software prefetch as in the AVX-512 kernels (spread prefetcht1 one block ahead plus one
 //    demand load per block; fp16: rows 64 / 32 tokens ahead).
