@@ -842,6 +842,23 @@ struct KeyFold {
   }
 };
 
+/// Code dwords w0 .. w0 + nw - 1 (nw <= 8; the rest zero) of the 8 H code rows at codes (row bytes
+/// apart), transposed per half of 8 rows: afterwards lane t of r[h][w] is dword w0 + w of row
+/// 8 h + t (the key tiles' columns, one token per lane).
+template <int H>
+QPKV_INLINE_AVX2 void code_columns(const std::uint8_t* codes, std::size_t row, index_t w0, index_t nw, __m256i (&r)[H][8]) {
+  for (int h = 0; h < H; ++h) {
+    const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
+    if (nw == 8) {
+      for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
+    } else {
+      const __m256i mk = tail8(nw);
+      for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
+    }
+    transpose8(r[h]);
+  }
+}
+
 /// Logits of 8 tokens (code rows at `codes`, `row` bytes apart) for NQ queries starting at qi:
 /// logits[(qi + i) * lstride + t]. Code e' of a 16-bit span of a dword (2-bit codes: spans of
 /// one code; the lowest span as is, the others shifted down once) is masked in place and or-ed into the
@@ -873,16 +890,7 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
   for (index_t w0 = 0; w0 < dwords; w0 += 8) {
     const index_t nw = std::min<index_t>(8, dwords - w0);
     __m256i r[H][8];
-    for (int h = 0; h < H; ++h) {
-      const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
-      if (nw == 8) {
-        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
-      } else {
-        const __m256i mk = tail8(nw);
-        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
-      }
-      transpose8(r[h]);
-    }
+    code_columns<H>(codes, row, w0, nw, r);
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
       const float* qw = qs + (w0 + w) * cpd;
@@ -929,16 +937,7 @@ QPKV_TARGET_AVX2 void key_tile_int(const std::uint8_t* codes, std::size_t row, i
   for (index_t w0 = 0; w0 < dwords; w0 += 8) {
     const index_t nw = std::min<index_t>(8, dwords - w0);
     __m256i r[H][8];
-    for (int h = 0; h < H; ++h) {
-      const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
-      if (nw == 8) {
-        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
-      } else {
-        const __m256i mk = tail8(nw);
-        for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
-      }
-      transpose8(r[h]);
-    }
+    code_columns<H>(codes, row, w0, nw, r);
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
       const std::int32_t* qw = qd + (w0 + w) * pairs;
