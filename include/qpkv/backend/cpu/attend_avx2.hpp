@@ -271,6 +271,24 @@ bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group
   return key_ok && value_ok;
 }
 
+/// Lane l of a vector of [token][group] values (per_row groups per token, per_row dividing 8) is
+/// token l / per_row: the permutation that spreads one value per token over its groups' lanes.
+QPKV_INLINE_AVX2 __m256i token_lanes(index_t per_row) {
+  alignas(32) std::int32_t tok[8];
+  for (int l = 0; l < 8; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tok));
+}
+
+/// v with lane l taking lane (l + sh) % 8. Combining v with its rotations by per_row, 2 per_row,
+/// .. < 8 reduces each group of a [token][group] vector (its lanes are per_row apart) into every
+/// one of its lanes.
+QPKV_INLINE_AVX2 __m256 rotate8(__m256 v, index_t sh) {
+  const __m256i r = _mm256_and_si256(
+      _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(sh))),
+      _mm256_set1_epi32(7));
+  return _mm256_permutevar8x32_ps(v, r);
+}
+
 /// Per-call constants of the value kernel: for each 8-byte slice u of a code row (8 * 8/VB
 /// channels), lane j's group relative to the slice's first group (at most 8 groups: a group
 /// holds a multiple of 8/VB channels).
@@ -398,7 +416,7 @@ bool value_folded_ok(const ValuePlan<VB>& plan, index_t B) {
 /// constant per (query, group), added once per block. Code vector k of a slice is a float by one
 /// and, one or (2^23 | the code's bits where they are) and one subtraction, which leaves 2^(VB k)
 /// (c - centre) exactly; accumulator k holds 2^(VB k) times its sum (undone by
-/// folded_to_natural() at the end of the work item). Per token, slice and query: one FMA per code
+/// folded_unscale() at the end of the work item). Per token, slice and query: one FMA per code
 /// vector, against value_slice()'s shift, conversion and dequantizing FMA per vector and broadcast
 /// scale and min per token. wb: scratch of NQ x B x per_row floats.
 template <int VB, int NQ>
@@ -412,9 +430,7 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
   const std::size_t wrow = static_cast<std::size_t>(B * per_row);
   // the weights w = p s per (query, token, group) and the constants sum_t p (m + centre s); lane
   // l of a vector of 8 scales is token l / per_row, group l % per_row
-  alignas(32) std::int32_t tk[8];
-  for (int j = 0; j < 8; ++j) tk[j] = static_cast<std::int32_t>(j / per_row);
-  const __m256i tok = _mm256_load_si256(reinterpret_cast<const __m256i*>(tk));
+  const __m256i tok = token_lanes(per_row);
   __m256 dc[NQ];
   for (int i = 0; i < NQ; ++i) dc[i] = _mm256_setzero_ps();
   for (index_t v = 0; v < nv; ++v) {
@@ -428,12 +444,7 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
   }
   alignas(32) float dcs[NQ][8];  // [i][g], g < per_row: the constant of group g
   for (int i = 0; i < NQ; ++i) {
-    for (index_t sh = per_row; sh < 8; sh *= 2) {  // lanes of one group are per_row apart
-      const __m256i r = _mm256_and_si256(
-          _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(sh))),
-          _mm256_set1_epi32(7));
-      dc[i] = _mm256_add_ps(dc[i], _mm256_permutevar8x32_ps(dc[i], r));
-    }
+    for (index_t sh = per_row; sh < 8; sh *= 2) dc[i] = _mm256_add_ps(dc[i], rotate8(dc[i], sh));
     _mm256_store_ps(dcs[i], dc[i]);
   }
   const std::uint8_t* codes = part + l.codes;
@@ -515,9 +526,7 @@ struct ValueFast {
     if (!ok) return;
     tpv = 8 / per_row;
     raw_pack = per_row == 8;
-    alignas(32) std::int32_t tok[8];
-    for (int l = 0; l < 8; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
-    vtok = _mm256_load_si256(reinterpret_cast<const __m256i*>(tok));
+    vtok = token_lanes(per_row);
     // the pack of two weight vectors a, b (elements e = 0..15 in [token][group] order) puts e at
     // word src(e): packs_epi32 interleaves them by 128-bit lane, and for per_row <= 4 the 0xD8
     // permutation restores e's order. Word T(e) = 2 (pair per_row + group) + parity of the output
@@ -569,11 +578,8 @@ struct ValueFast {
     }
     for (int i = 0; i < NQ; ++i) {
       for (index_t sh = pr; sh < 8; sh *= 2) {  // lanes of one group are per_row apart
-        const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                            _mm256_set1_epi32(static_cast<int>(sh))),
-                                           _mm256_set1_epi32(7));
-        mx[i] = _mm256_max_ps(mx[i], _mm256_permutevar8x32_ps(mx[i], r));
-        mt[i] = _mm256_add_ps(mt[i], _mm256_permutevar8x32_ps(mt[i], r));
+        mx[i] = _mm256_max_ps(mx[i], rotate8(mx[i], sh));
+        mt[i] = _mm256_add_ps(mt[i], rotate8(mt[i], sh));
       }
       alignas(32) float st8[8], mt8[8];
       _mm256_store_ps(st8, _mm256_mul_ps(mx[i], _mm256_set1_ps(1.0f / 32767.0f)));
