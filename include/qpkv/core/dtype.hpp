@@ -79,6 +79,7 @@ QPKV_HD float to_float(half h) {
 /// (127 - 15) << 23, Inf/NaN get the rest of the way to 255, and zero/subnormal inputs are
 /// renormalised by subtracting 2^-14 from (mant * 2^-23 + 1) * 2^-14, which is exact.
 inline void to_float(const half* QPKV_RESTRICT src, std::size_t n, float* QPKV_RESTRICT dst) {
+  QPKV_SIMD
   for (std::size_t i = 0; i < n; ++i) {
     const std::uint32_t h = src[i].bits;
     const std::uint32_t em = (h & 0x7fffu) << 13;  // exponent and mantissa in float position

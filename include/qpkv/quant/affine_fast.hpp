@@ -104,6 +104,7 @@ QPKV_ALWAYS_INLINE bool params_body(const float* QPKV_RESTRICT lo, const float* 
   const float fmaxc = static_cast<float>(maxc);
   std::uint32_t bad = 0;
   if constexpr (std::is_same_v<ScaleT, float>) {
+    QPKV_SIMD_REDUCE_OR(bad)
     for (index_t i = 0; i < n; ++i) {
       const float m = lo[i], s = (hi[i] - lo[i]) / fmaxc;
       mn[i] = m;
@@ -114,6 +115,7 @@ QPKV_ALWAYS_INLINE bool params_body(const float* QPKV_RESTRICT lo, const float* 
              static_cast<std::uint32_t>((float_bits(s) & 0x7f800000u) == 0x7f800000u);
     }
   } else {
+    QPKV_SIMD_REDUCE_OR(bad)
     for (index_t i = 0; i < n; ++i) {
       // round_down<ScaleT>(lo)
       const float l = lo[i];
@@ -221,6 +223,7 @@ QPKV_INLINE_AVX2 void store_packed32(const __m256i* c, std::uint8_t* QPKV_RESTRI
 template <bool PerElement>
 QPKV_INLINE_AVX2 void codes32_avx2(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT mn,
                                    const float* QPKV_RESTRICT sc, float m1, float s1, __m256 vmax, __m256i* c) {
+  QPKV_UNROLL
   for (int k = 0; k < 4; ++k) {
     const __m256 m = PerElement ? _mm256_loadu_ps(mn + 8 * k) : _mm256_set1_ps(m1);
     const __m256 s = PerElement ? _mm256_loadu_ps(sc + 8 * k) : _mm256_set1_ps(s1);
@@ -271,6 +274,7 @@ inline void codes_vec(const float* QPKV_RESTRICT x, const float* QPKV_RESTRICT m
     return;
   }
 #endif
+  QPKV_SIMD
   for (index_t i = 0; i < n; ++i) out[i] = static_cast<std::uint8_t>(code_of(x[i], mn[i], sc[i], fmaxc));
 }
 /// Codes of n elements sharing one (min, scale).
@@ -286,6 +290,7 @@ inline void codes_one(const float* QPKV_RESTRICT x, float m, float s, index_t n,
     return;
   }
 #endif
+  QPKV_SIMD
   for (index_t i = 0; i < n; ++i) out[i] = static_cast<std::uint8_t>(code_of(x[i], m, s, fmaxc));
 }
 
@@ -344,6 +349,7 @@ inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, flo
     float hi[8] = {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf};
     index_t i = 0;
     for (; i + 8 <= n; i += 8)
+      QPKV_UNROLL
       for (int j = 0; j < 8; ++j) {
         const float v = x[i + j];
         lo[j] = v < lo[j] ? v : lo[j];
@@ -354,7 +360,9 @@ inline void range_of(const float* QPKV_RESTRICT x, index_t n, float& lo_out, flo
       lo[0] = v < lo[0] ? v : lo[0];
       hi[0] = hi[0] < v ? v : hi[0];
     }
+    QPKV_UNROLL
     for (int w = 4; w > 0; w /= 2)  // tree over the lanes (the order only matters for +0/-0)
+      QPKV_UNROLL
       for (int j = 0; j < w; ++j) {
         lo[j] = lo[j + w] < lo[j] ? lo[j + w] : lo[j];
         hi[j] = hi[j] < hi[j + w] ? hi[j + w] : hi[j];
@@ -383,6 +391,7 @@ QPKV_TARGET_AVX2 inline void channel_range_avx2(const float* QPKV_RESTRICT xg, i
   for (index_t c0 = 0; c0 < dim; c0 += 32) {
     const index_t nv = std::min<index_t>(4, (dim - c0) / 8);
     __m256 l[4], h[4];
+    QPKV_UNROLL
     for (int k = 0; k < 4; ++k) {
       l[k] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
       h[k] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -423,12 +432,14 @@ bool encode_part_channel(const float* QPKV_RESTRICT x, index_t tokens, index_t d
     } else
 #endif
     {
+      QPKV_SIMD
       for (index_t c = 0; c < dim; ++c) {
         lo[c] = inf;
         hi[c] = -inf;
       }
       for (index_t t = 0; t < group; ++t) {
         const float* QPKV_RESTRICT r = xg + t * dim;
+        QPKV_SIMD
         for (index_t c = 0; c < dim; ++c) {
           const float v = r[c];
           lo[c] = v < lo[c] ? v : lo[c];
@@ -436,6 +447,7 @@ bool encode_part_channel(const float* QPKV_RESTRICT x, index_t tokens, index_t d
         }
       }
     }
+    QPKV_SIMD
     for (index_t c = 0; c < dim; ++c) {
       const bool empty = lo[c] > hi[c];
       lo[c] = empty ? 0.0f : lo[c];
@@ -473,6 +485,7 @@ QPKV_INLINE_AVX2 __m256 minmax8(__m256 a, __m256 b) {
 template <bool Max>
 QPKV_INLINE_AVX2 __m256 reduce8(const __m256* v) {
   __m256 t[4];  // per 128-bit half: [v[2k] 0|2, v[2k+1] 0|2, v[2k] 1|3, v[2k+1] 1|3]
+  QPKV_UNROLL
   for (int k = 0; k < 4; ++k)
     t[k] = minmax8<Max>(_mm256_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm256_unpackhi_ps(v[2 * k], v[2 * k + 1]));
   // per 128-bit half: the four vectors' reductions over that half
@@ -541,6 +554,7 @@ QPKV_TARGET_AVX2 bool encode_part_token_avx2(const float* QPKV_RESTRICT x, index
       const __m256 m = _mm256_set1_ps(mn[g]), s = _mm256_set1_ps(sc[g]);
       for (index_t e = 0; e < group; e += 32) {
         __m256i c[4];
+        QPKV_UNROLL
         for (int k = 0; k < 4; ++k) c[k] = codes8_avx2<false>(_mm256_loadu_ps(xg + e + 8 * k), m, s, vmax);
         store_packed32<Bits>(c, dst + e / 8 * Bits);
       }
@@ -586,6 +600,7 @@ bool encode_part_token(const float* QPKV_RESTRICT x, index_t tokens, index_t dim
         for (index_t gc = 0; gc < per_row; ++gc) {
           const index_t b = gc * group, e = (gc + 1) * group < dim ? (gc + 1) * group : dim;
           const float m = mn[r * per_row + gc], s = sc[r * per_row + gc];
+          QPKV_SIMD
           for (index_t c = b; c < e; ++c) {
             mc[c] = m;
             scc[c] = s;
@@ -685,6 +700,7 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
   constexpr int per = 8 / Bits;
   alignas(16) std::int8_t idx[16];
   alignas(64) std::int32_t shr[16];
+  QPKV_UNROLL
   for (int j = 0; j < 16; ++j) {
     idx[j] = static_cast<std::int8_t>(j / per);
     shr[j] = (j % per) * Bits;

@@ -28,8 +28,10 @@ QPKV_HD void pack(const std::uint8_t* QPKV_RESTRICT codes, std::size_t n, std::u
   } else if constexpr (8 % Bits == 0) {
     constexpr int per = 8 / Bits;
     const std::size_t full = n / per;
+    QPKV_SIMD
     for (std::size_t j = 0; j < full; ++j) {
       unsigned v = 0;
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) v |= static_cast<unsigned>(codes[j * per + k]) << (k * Bits);
       dst[j] = static_cast<std::uint8_t>(v);
     }

@@ -141,16 +141,19 @@ QPKV_TARGET_AVX2 inline void softmax_step(float* logits, index_t n, index_t stri
 /// In-register transpose of 8 x 8 dwords: afterwards r[c] lane t = old r[t] lane c.
 QPKV_INLINE_AVX2 void transpose8(__m256i* r) {
   __m256i t[8], u[8];
+  QPKV_UNROLL
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  QPKV_UNROLL
   for (int i = 0; i < 2; ++i) {  // u[4i + k]: rows 4i..4i+3 of columns k (low half) and 4 + k (high half)
     u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+  QPKV_UNROLL
   for (int k = 0; k < 4; ++k) {
     r[k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x20);
     r[4 + k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x31);
@@ -204,6 +207,7 @@ QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kst
           }
           alignas(16) float s[4];
           _mm_store_ps(s, hsum4(a0, a1, a2, a3));
+          QPKV_UNROLL
           for (int j = 0; j < 4; ++j) logits[(i + j) * kTile + t] = s[j];
         }
         for (; i < nq; ++i) {
@@ -223,18 +227,23 @@ QPKV_TARGET_AVX2 inline void fp16_tokens(const std::uint8_t* kb, std::size_t kst
           float* ab = pq.acc + i * D + c0;
           if (mq == 4 && nv == 2) {  // the common case with every loop bound known at compile time
             __m256 acc[4][2];
+            QPKV_UNROLL
             for (int j = 0; j < 4; ++j)
+              QPKV_UNROLL
               for (int v = 0; v < 2; ++v) acc[j][v] = _mm256_loadu_ps(ab + j * D + 8 * v);
             for (index_t t = 0; t < nt; ++t) {
               const std::uint8_t* vr = vb + (t0 + t) * vstride;
               const __m256 v0 = row8(vr, c0), v1 = row8(vr, c0 + 8);
+              QPKV_UNROLL
               for (int j = 0; j < 4; ++j) {
                 const __m256 w = _mm256_broadcast_ss(logits + (i + j) * kTile + t);
                 acc[j][0] = _mm256_fmadd_ps(w, v0, acc[j][0]);
                 acc[j][1] = _mm256_fmadd_ps(w, v1, acc[j][1]);
               }
             }
+            QPKV_UNROLL
             for (int j = 0; j < 4; ++j)
+              QPKV_UNROLL
               for (int v = 0; v < 2; ++v) _mm256_storeu_ps(ab + j * D + 8 * v, acc[j][v]);
             continue;
           }
@@ -275,6 +284,7 @@ bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group
 /// token l / per_row: the permutation that spreads one value per token over its groups' lanes.
 QPKV_INLINE_AVX2 __m256i token_lanes(index_t per_row) {
   alignas(32) std::int32_t tok[8];
+  QPKV_UNROLL
   for (int l = 0; l < 8; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(tok));
 }
@@ -361,7 +371,9 @@ QPKV_TARGET_AVX2 void value_slice(const std::uint8_t* part, const AffineLayout& 
   [[maybe_unused]] const __m256i gi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.grp_idx.data() + u * 8));
   const index_t g0 = plan.grp0[u];
   __m256 a[NQ][per];
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i)
+    QPKV_UNROLL
     for (int k = 0; k < per; ++k) a[i][k] = _mm256_loadu_ps(acc + i * D + u * U + 8 * k);
   for (index_t t = 0; t < B; ++t) {
     pf.step();
@@ -374,13 +386,17 @@ QPKV_TARGET_AVX2 void value_slice(const std::uint8_t* part, const AffineLayout& 
       M = _mm256_permutevar8x32_ps(_mm256_loadu_ps(mf + t * per_row + g0), gi);
     }
     const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + t * row + u * 8)));
+    QPKV_UNROLL
     for (int k = 0; k < per; ++k) {
       const __m256i c = VB == 8 ? d : _mm256_and_si256(_mm256_srli_epi32(d, k * VB), mask);
       const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), S, M);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) a[i][k] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * pstride + t), v, a[i][k]);
     }
   }
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i)
+    QPKV_UNROLL
     for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
 }
 
@@ -432,10 +448,12 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
   // l of a vector of 8 scales is token l / per_row, group l % per_row
   const __m256i tok = token_lanes(per_row);
   __m256 dc[NQ];
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) dc[i] = _mm256_setzero_ps();
   for (index_t v = 0; v < nv; ++v) {
     const __m256 S = _mm256_loadu_ps(sf + v * 8);
     const __m256 M = _mm256_fmadd_ps(_mm256_set1_ps(centre), S, _mm256_loadu_ps(mf + v * 8));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       const __m256 P = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p + i * pstride + v * tz), tok);
       _mm256_storeu_ps(wb + i * wrow + v * 8, _mm256_mul_ps(P, S));
@@ -443,6 +461,7 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
     }
   }
   alignas(32) float dcs[NQ][8];  // [i][g], g < per_row: the constant of group g
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) {
     for (index_t sh = per_row; sh < 8; sh *= 2) dc[i] = _mm256_add_ps(dc[i], rotate8(dc[i], sh));
     _mm256_store_ps(dcs[i], dc[i]);
@@ -453,7 +472,9 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
   for (index_t u = 0; u < D / U; ++u) {
     const index_t g0 = plan.grp0[u];
     __m256 a[NQ][per];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         a[i][k] = _mm256_add_ps(_mm256_loadu_ps(acc + i * D + u * U + 8 * k), _mm256_set1_ps(dcs[i][g0] * fold_scale<VB>(k)));
     const float* w = wb + g0;
@@ -462,16 +483,21 @@ QPKV_NOINLINE QPKV_TARGET_AVX2 void value_block_folded(const std::uint8_t* part,
       pf.step();
       const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
       __m256 x[per];  // 2^(VB k) (code - centre)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         x[k] = _mm256_sub_ps(
             _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(d, _mm256_set1_epi32(((1 << VB) - 1) << (VB * k))), magic)),
             _mm256_set1_ps(8388608.0f + centre * fold_scale<VB>(k)));
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m256 wi = _mm256_broadcast_ss(w + i * wrow);
+        QPKV_UNROLL
         for (int k = 0; k < per; ++k) a[i][k] = _mm256_fmadd_ps(wi, x[k], a[i][k]);
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) _mm256_storeu_ps(acc + i * D + u * U + 8 * k, a[i][k]);
   }
 }
@@ -483,6 +509,7 @@ QPKV_TARGET_AVX2 void folded_unscale(float* acc, index_t g, index_t D) {
   constexpr int per = ValuePlan<VB>::per, U = ValuePlan<VB>::U;
   for (index_t i = 0; i < g; ++i)
     for (index_t u = 0; u < D / U; ++u)
+      QPKV_UNROLL
       for (int k = 1; k < per; ++k) {
         float* a = acc + i * D + u * U + 8 * k;
         _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_set1_ps(1.0f / fold_scale<VB>(k))));
@@ -532,6 +559,7 @@ struct ValueFast {
     // permutation restores e's order. Word T(e) = 2 (pair per_row + group) + parity of the output
     // holds it; the shuffle stays within 128-bit lanes (src and T share a lane: asserted here)
     alignas(32) std::uint8_t ctrl[32];
+    QPKV_UNROLL
     for (int e = 0; e < 16; ++e) {
       const int src = raw_pack ? 8 * ((e % 8) / 4) + 4 * (e / 8) + e % 4 : e;
       const int t = e / static_cast<int>(per_row), gr = e % static_cast<int>(per_row);
@@ -564,18 +592,21 @@ struct ValueFast {
     const bool raw = raw_pack;
     const float* pq[NQ];
     __m256 mx[NQ], mt[NQ], inv[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       pq[i] = p + (i0 + i) * pstride;
       mx[i] = mt[i] = _mm256_setzero_ps();
     }
     for (index_t v = 0; v < nv; ++v) {
       const __m256 s = _mm256_loadu_ps(S + v * 8), m = _mm256_loadu_ps(M + v * 8);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m256 P = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + v * tz), tok);
         mx[i] = _mm256_max_ps(mx[i], _mm256_mul_ps(P, s));  // p, s >= 0
         mt[i] = _mm256_fmadd_ps(P, m, mt[i]);
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       for (index_t sh = pr; sh < 8; sh *= 2) {  // lanes of one group are per_row apart
         mx[i] = _mm256_max_ps(mx[i], rotate8(mx[i], sh));
@@ -592,9 +623,11 @@ struct ValueFast {
       inv[i] = _mm256_and_ps(pos, _mm256_div_ps(_mm256_set1_ps(32767.0f), mx[i]));
     }
     std::int32_t* out[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) out[i] = wq.data() + (i0 + i) * (B / 2) * pr;
     for (index_t v = 0; v < nv; v += 2) {
       const __m256 s0 = _mm256_loadu_ps(S + v * 8), s1 = _mm256_loadu_ps(S + v * 8 + 8);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m256 P0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + v * tz), tok);
         const __m256 P1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pq[i] + (v + 1) * tz), tok);
@@ -626,7 +659,9 @@ struct ValueFast {
     const index_t g0 = plan.grp0[u], Bn = B;
     [[maybe_unused]] const __m256i gi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.grp_idx.data() + u * 8));
     __m256i a[NQ][per];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) a[i][k] = _mm256_setzero_si256();
     const std::int32_t* wt = wq.data() + static_cast<std::size_t>(qi) * qstride + g0;
     const std::uint8_t* r0 = codes + u * 8;
@@ -636,14 +671,18 @@ struct ValueFast {
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0))),
           _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + row))), 16));
       __m256i c[per];
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm256_and_si256(k == 0 ? x : _mm256_srli_epi32(x, k * VB), mask);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         __m256i w;
         if constexpr (Uni) w = _mm256_set1_epi32(wt[i * qstride]);
         else w = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + i * qstride)), gi);
+        QPKV_UNROLL
         for (int k = 0; k < per; ++k) a[i][k] = madd_acc(a[i][k], c[k], w);
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       const float* st = step.data() + (qi + i) * per_row + g0;
       const float* mt = mterm.data() + (qi + i) * per_row + g0;
@@ -656,6 +695,7 @@ struct ValueFast {
         mv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(mt), gi);
       }
       float* o = acc + (qi + i) * D + u * U;
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][k]), sv, _mm256_add_ps(_mm256_loadu_ps(o + 8 * k), mv)));
     }
@@ -739,6 +779,7 @@ struct KeyFold {
     float* __restrict m_f = mf.data();
     const __m256 vc = _mm256_set1_ps(centre);
     alignas(32) float f[8];  // 2^-(b e') of the lanes
+    QPKV_UNROLL
     for (int j = 0; j < 8; ++j) f[j] = 1.0f / static_cast<float>(1 << (KB * (j % half)));
     const __m256 vf = _mm256_load_ps(f);
     for (index_t c = 0; c < Dn; c += 8) {
@@ -751,9 +792,11 @@ struct KeyFold {
     index_t i = 0;
     for (; i + 4 <= gn; i += 4) {
       __m256 b[4];
+      QPKV_UNROLL
       for (int j = 0; j < 4; ++j) b[j] = _mm256_setzero_ps();
       for (index_t c = 0; c < Dn; c += 8) {
         const __m256 sv = _mm256_loadu_ps(s_f + c), mv = _mm256_loadu_ps(m_f + c);
+        QPKV_UNROLL
         for (int j = 0; j < 4; ++j) {
           const __m256 qv = _mm256_loadu_ps(q + (i + j) * Dn + c);
           _mm256_storeu_ps(q_s + (i + j) * Dn + c, _mm256_mul_ps(qv, sv));
@@ -780,13 +823,16 @@ struct KeyFold {
     float* __restrict m_f = mf.data();
     for (index_t c = 0, Dn = D; c < Dn; c += 16) {
       __m256 s[2], m[2];
+      QPKV_UNROLL
       for (int v = 0; v < 2; ++v) {
         s[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + c + 8 * v)));
         m[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + c + 8 * v)));
       }
+      QPKV_UNROLL
       for (int v = 0; v < 2; ++v) m[v] = _mm256_fmadd_ps(_mm256_set1_ps(centre), s[v], m[v]);
       pair_order(s);
       pair_order(m);
+      QPKV_UNROLL
       for (int v = 0; v < 2; ++v) {
         _mm256_storeu_ps(s_f + c + 8 * v, s[v]);
         _mm256_storeu_ps(m_f + c + 8 * v, m[v]);
@@ -805,9 +851,11 @@ struct KeyFold {
     const float* __restrict qq = qp.data() + i0 * Dn;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 b[4], mx[4];
+    QPKV_UNROLL
     for (int i = 0; i < 4; ++i) b[i] = mx[i] = _mm256_setzero_ps();
     for (index_t c = 0; c < Dn; c += 8) {
       const __m256 sv = _mm256_loadu_ps(s_f + c), mv = _mm256_loadu_ps(m_f + c);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m256 qv = _mm256_loadu_ps(qq + i * Dn + c);
         mx[i] = _mm256_max_ps(mx[i], _mm256_and_ps(_mm256_mul_ps(qv, sv), absmask));
@@ -820,17 +868,21 @@ struct KeyFold {
     const __m128 st = _mm_blendv_ps(_mm_set1_ps(1.0f), _mm_div_ps(m4, _mm_set1_ps(qmax)), _mm_cmpgt_ps(m4, _mm_setzero_ps()));
     _mm_store_ps(st4, st);
     _mm_store_ps(inv4, _mm_div_ps(_mm_set1_ps(1.0f), st));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       bias[i0 + i] = bs[i];
       step[i0 + i] = st4[i];
     }
     __m256 inv[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) inv[i] = _mm256_set1_ps(inv4[i]);
     auto* out = reinterpret_cast<std::int16_t*>(q16.data()) + i0 * Dn;
     __m256i qsum[4];
+    QPKV_UNROLL
     for (int i = 0; i < 4; ++i) qsum[i] = _mm256_setzero_si256();
     for (index_t c = 0; c < Dn; c += 16) {
       const __m256 s0 = _mm256_loadu_ps(s_f + c), s1 = _mm256_loadu_ps(s_f + c + 8);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         // the same products as above, rounded to nearest; the pack keeps the order (0xD8 undoes its lane split)
         const __m256i Q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(qq + i * Dn + c), s0), inv[i]));
@@ -844,6 +896,7 @@ struct KeyFold {
     alignas(16) float qs4[4];
     _mm_store_ps(qs4, hsum4(_mm256_cvtepi32_ps(qsum[0]), _mm256_cvtepi32_ps(qsum[1]), _mm256_cvtepi32_ps(qsum[2]),
                             _mm256_cvtepi32_ps(qsum[3])));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) bias[i0 + i] -= st4[i] * centre * qs4[i];
   }
 };
@@ -853,12 +906,15 @@ struct KeyFold {
 /// 8 h + t (the key tiles' columns, one token per lane).
 template <int H>
 QPKV_INLINE_AVX2 void code_columns(const std::uint8_t* codes, std::size_t row, index_t w0, index_t nw, __m256i (&r)[H][8]) {
+  QPKV_UNROLL
   for (int h = 0; h < H; ++h) {
     const std::uint8_t* c0 = codes + static_cast<std::size_t>(8 * h) * row + w0 * 4;
     if (nw == 8) {
+      QPKV_UNROLL
       for (int t = 0; t < 8; ++t) r[h][t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + t * row));
     } else {
       const __m256i mk = tail8(nw);
+      QPKV_UNROLL
       for (int t = 0; t < 8; ++t) r[h][t] = _mm256_maskload_epi32(reinterpret_cast<const int*>(c0 + t * row), mk);
     }
     transpose8(r[h]);
@@ -886,12 +942,15 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
   const __m256i magic = _mm256_set1_epi32(0x4B000000);  // 2^23 | x is the float 2^23 + x for x < 2^23
   __m256i mask[half];
   __m256 off[half];
+  QPKV_UNROLL
   for (int e = 0; e < half; ++e) {
     mask[e] = _mm256_set1_epi32(((1 << KB) - 1) << (KB * e));
     off[e] = _mm256_set1_ps(8388608.0f + KeyFold<KB>::centre * static_cast<float>(1 << (KB * e)));
   }
   __m256 acc[H][NQ];
+  QPKV_UNROLL
   for (int h = 0; h < H; ++h)
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) acc[h][i] = _mm256_setzero_ps();
   const float* qs = f.qs.data() + qi * D;
   for (index_t w0 = 0; w0 < dwords; w0 += 8) {
@@ -901,23 +960,28 @@ QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
       const float* qw = qs + (w0 + w) * cpd;
-#pragma GCC unroll 16
+      QPKV_UNROLL
       for (int e = 0; e < cpd; ++e) {
         __m256 x[H];
+        QPKV_UNROLL
         for (int h = 0; h < H; ++h) {
           // the span's shift, where it has one (the compiler shares it between the span's codes)
           const __m256i src = e < half ? r[h][w] : _mm256_srli_epi32(r[h][w], span * (e / half));
           const __m256i c = _mm256_or_si256(_mm256_and_si256(src, mask[e % half]), magic);
           x[h] = _mm256_sub_ps(_mm256_castsi256_ps(c), off[e % half]);
         }
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) {
           const __m256 qv = _mm256_broadcast_ss(qw + i * D + e);
+          QPKV_UNROLL
           for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(qv, x[h], acc[h][i]);
         }
       }
     }
   }
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i)
+    QPKV_UNROLL
     for (int h = 0; h < H; ++h)
       _mm256_storeu_ps(logits + (qi + i) * lstride + 8 * h, _mm256_add_ps(acc[h][i], _mm256_set1_ps(f.bias[qi + i])));
 }
@@ -938,7 +1002,9 @@ QPKV_TARGET_AVX2 void key_tile_int(const std::uint8_t* codes, std::size_t row, i
   const index_t dwords = D / cpd, qrow = D / 2;
   const __m256i mask = _mm256_set1_epi32(((1 << KB) - 1) * 0x10001);
   __m256i acc[H][NQ];
+  QPKV_UNROLL
   for (int h = 0; h < H; ++h)
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) acc[h][i] = _mm256_setzero_si256();
   const std::int32_t* qd = f.q16.data() + qi * qrow;
   for (index_t w0 = 0; w0 < dwords; w0 += 8) {
@@ -948,18 +1014,24 @@ QPKV_TARGET_AVX2 void key_tile_int(const std::uint8_t* codes, std::size_t row, i
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
       const std::int32_t* qw = qd + (w0 + w) * pairs;
+      QPKV_UNROLL
       for (int k = 0; k < pairs; ++k) {
         __m256i c[H];
+        QPKV_UNROLL
         for (int h = 0; h < H; ++h) c[h] = _mm256_and_si256(k == 0 ? r[h][w] : _mm256_srli_epi32(r[h][w], KB * k), mask);
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) {
           const __m256i q2 = _mm256_set1_epi32(qw[i * qrow + k]);
+          QPKV_UNROLL
           for (int h = 0; h < H; ++h) acc[h][i] = madd_acc(acc[h][i], c[h], q2);
         }
       }
     }
   }
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) {
     const __m256 st = _mm256_set1_ps(f.step[qi + i]), bs = _mm256_set1_ps(f.bias[qi + i]);
+    QPKV_UNROLL
     for (int h = 0; h < H; ++h)
       _mm256_storeu_ps(logits + (qi + i) * lstride + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][i]), st, bs));
   }

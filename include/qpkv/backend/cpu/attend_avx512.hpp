@@ -148,16 +148,19 @@ QPKV_INLINE __m512 rotate_lanes(__m512 v, index_t sh) {
 /// In-register transpose of 16 x 16 dwords: afterwards r[c] lane t = old r[t] lane c.
 QPKV_INLINE void transpose16(__m512i* r) {
   __m512i t[16], u[16];
+  QPKV_UNROLL
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  QPKV_UNROLL
   for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3; u[4i + k] lane L = rows 4i..4i+3 of column 4L + k
     u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+  QPKV_UNROLL
   for (int k = 0; k < 4; ++k) {
     const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
     const __m512i v1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
@@ -218,6 +221,7 @@ inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride,
           }
           alignas(16) float s[4];
           _mm_store_ps(s, hsum4(a0, a1, a2, a3));
+          QPKV_UNROLL
           for (int j = 0; j < 4; ++j) logits[(i + j) * kTile + t] = s[j];
         }
         for (; i < nq; ++i) {
@@ -238,18 +242,25 @@ inline QPKV_TARGET void fp16_tokens(const std::uint8_t* kb, std::size_t kstride,
           if (mq == 4 && nv == 4) {  // the common case with every loop bound known at compile time
             float* ab = pq.acc + i * D + c0;
             __m512 acc[4][4];
+            QPKV_UNROLL
             for (int j = 0; j < 4; ++j)
+              QPKV_UNROLL
               for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_loadu_ps(ab + j * D + 16 * v);
             for (index_t t = 0; t < nt; ++t) {
               const auto* vr = reinterpret_cast<const __m256i*>(vb + (t0 + t) * vstride) + c0 / 16;
               __m512 vv[4];
+              QPKV_UNROLL
               for (int v = 0; v < 4; ++v) vv[v] = _mm512_cvtph_ps(_mm256_loadu_si256(vr + v));
+              QPKV_UNROLL
               for (int j = 0; j < 4; ++j) {
                 const __m512 w = _mm512_set1_ps(logits[(i + j) * kTile + t]);
+                QPKV_UNROLL
                 for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_fmadd_ps(w, vv[v], acc[j][v]);
               }
             }
+            QPKV_UNROLL
             for (int j = 0; j < 4; ++j)
+              QPKV_UNROLL
               for (int v = 0; v < 4; ++v) _mm512_storeu_ps(ab + j * D + 16 * v, acc[j][v]);
             continue;
           }
@@ -343,6 +354,7 @@ struct ValuePlan {
     }
     folded = uniform && D % U == 0 && D % G == 0 && 16 % per_row == 0 && (b * per_row) % 16 == 0;
     alignas(64) std::int32_t tok[16];
+    QPKV_UNROLL
     for (int l = 0; l < 16; ++l) tok[l] = static_cast<std::int32_t>(l / per_row);
     vtok = _mm512_load_si512(tok);
   }
@@ -360,13 +372,16 @@ inline QPKV_TARGET void to_slice_order(__m512* v) {
     v[1] = b;
   } else if constexpr (Per == 4) {
     __m512 out[4];
+    QPKV_UNROLL
     for (int k = 0; k < 4; ++k) {
       // lane j takes channel 4j + k: j < 8 from v0/v1, j >= 8 from v2/v3 (index mod 32)
       alignas(64) std::int32_t idx[16];
+      QPKV_UNROLL
       for (int j = 0; j < 16; ++j) idx[j] = (4 * j + k) % 32;
       const __m512i vi = _mm512_load_si512(idx);
       out[k] = _mm512_mask_blend_ps(0xFF00, _mm512_permutex2var_ps(v[0], vi, v[1]), _mm512_permutex2var_ps(v[2], vi, v[3]));
     }
+    QPKV_UNROLL
     for (int k = 0; k < 4; ++k) v[k] = out[k];
   }
 }
@@ -381,10 +396,12 @@ inline QPKV_TARGET void to_natural_order(__m512* v) {
     v[1] = b;
   } else if constexpr (Per == 4) {
     __m512 out[4];
+    QPKV_UNROLL
     for (int n = 0; n < 4; ++n) {
       // natural lane c is channel ch = 16n + c, found in slice vector ch % 4, lane ch / 4
       alignas(64) std::int32_t idx[16];
       __mmask16 hi = 0;
+      QPKV_UNROLL
       for (int c = 0; c < 16; ++c) {
         const int ch = 16 * n + c, k = ch % 4, j = ch / 4;
         idx[c] = (k % 2) * 16 + j;
@@ -393,6 +410,7 @@ inline QPKV_TARGET void to_natural_order(__m512* v) {
       const __m512i vi = _mm512_load_si512(idx);
       out[n] = _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(v[0], vi, v[1]), _mm512_permutex2var_ps(v[2], vi, v[3]));
     }
+    QPKV_UNROLL
     for (int k = 0; k < 4; ++k) v[k] = out[k];
   }
 }
@@ -428,7 +446,9 @@ QPKV_NOINLINE QPKV_TARGET void value_block(const std::uint8_t* part, const Affin
     const __m512i gi = _mm512_loadu_si512(plan.grp_idx.data() + u * 16);
     const index_t g0 = plan.grp0[u];
     __m512 a[NQ][per];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) a[i][k] = _mm512_loadu_ps(acc + i * D + u * U + 16 * k);
       to_slice_order<per>(a[i]);
     }
@@ -438,15 +458,20 @@ QPKV_NOINLINE QPKV_TARGET void value_block(const std::uint8_t* part, const Affin
       const __m512 M = _mm512_permutexvar_ps(gi, _mm512_loadu_ps(mf + t * per_row + g0));
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + t * row + u * 16)));
       __m512 w[NQ];
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) w[i] = _mm512_set1_ps(p[i * pstride + t]);
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) {
         const __m512i c = VB == 8 ? d : _mm512_and_si512(_mm512_srli_epi32(d, k * VB), mask);
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), S, M);
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) a[i][k] = _mm512_fmadd_ps(w[i], v, a[i][k]);
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       to_natural_order<per>(a[i]);
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) _mm512_storeu_ps(acc + i * D + u * U + 16 * k, a[i][k]);
     }
   }
@@ -482,10 +507,12 @@ QPKV_NOINLINE QPKV_TARGET void value_block_folded(const std::uint8_t* part, cons
   const __mmask16 tm = tail_mask(tz);
   const __m512i tok = plan.vtok;
   __m512 dc[NQ];
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) dc[i] = _mm512_setzero_ps();
   for (index_t v = 0; v < nv; ++v) {
     const __m512 S = _mm512_loadu_ps(sf + v * 16);
     const __m512 M = _mm512_fmadd_ps(_mm512_set1_ps(centre), S, _mm512_loadu_ps(mf + v * 16));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       const __m512 P = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, p + i * pstride + v * tz));
       _mm512_storeu_ps(wb + i * wrow + v * 16, _mm512_mul_ps(P, S));
@@ -493,6 +520,7 @@ QPKV_NOINLINE QPKV_TARGET void value_block_folded(const std::uint8_t* part, cons
     }
   }
   alignas(64) float dcs[NQ][16];  // [i][g], g < per_row: the constant of group g
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) {
     for (index_t sh = per_row; sh < 16; sh *= 2)  // lanes of one group are per_row apart
       dc[i] = _mm512_add_ps(dc[i], rotate_lanes(dc[i], sh));
@@ -504,7 +532,9 @@ QPKV_NOINLINE QPKV_TARGET void value_block_folded(const std::uint8_t* part, cons
   for (index_t u = 0; u < D / U; ++u) {
     const index_t g0 = plan.grp0[u];
     __m512 a[NQ][per];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         a[i][k] = _mm512_add_ps(_mm512_loadu_ps(acc + i * D + u * U + 16 * k), _mm512_set1_ps(dcs[i][g0] * fold_scale<VB>(k)));
     const float* w = wb + g0;
@@ -512,16 +542,21 @@ QPKV_NOINLINE QPKV_TARGET void value_block_folded(const std::uint8_t* part, cons
       pf.step();
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + t * row + u * 16)));
       __m512 x[per];  // 2^(VB k) (code - centre)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         x[k] = _mm512_sub_ps(
             _mm512_castsi512_ps(_mm512_ternarylogic_epi32(d, _mm512_set1_epi32(((1 << VB) - 1) << (VB * k)), magic, 0xEA)),
             _mm512_set1_ps(8388608.0f + centre * fold_scale<VB>(k)));
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512 wi = _mm512_set1_ps(w[i * wrow]);
+        QPKV_UNROLL
         for (int k = 0; k < per; ++k) a[i][k] = _mm512_fmadd_ps(wi, x[k], a[i][k]);
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) _mm512_storeu_ps(acc + i * D + u * U + 16 * k, a[i][k]);
   }
   pfr = pf;
@@ -536,8 +571,10 @@ QPKV_TARGET void slice_to_natural(float* acc, index_t g, index_t D) {
     for (index_t u = 0; u < D / U; ++u) {
       float* a = acc + i * D + u * U;
       __m512 v[per];
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) v[k] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * k), _mm512_set1_ps(1.0f / fold_scale<VB>(k)));
       to_natural_order<per>(v);
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) _mm512_storeu_ps(a + 16 * k, v[k]);
     }
 }
@@ -595,6 +632,7 @@ struct ValueFast {
     alignas(64) std::int32_t words[16];
     alignas(64) std::int16_t words2[32];
     // word (pair, group, parity) of one 16-scale vector <- lane (2 pair + parity) * per_row + group
+    QPKV_UNROLL
     for (int o = 0; o < 16; ++o) {
       const int pr = o / (2 * static_cast<int>(per_row)), gr = (o / 2) % static_cast<int>(per_row), par = o % 2;
       words[o] = (2 * pr + par) * static_cast<int>(per_row) + gr;
@@ -631,12 +669,14 @@ struct ValueFast {
     const __m512i tok = vtok;
     const float* pq[NQ];
     __m512 mx[NQ], mt[NQ], inv[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       pq[i] = p + (i0 + i) * pstride;
       mx[i] = mt[i] = _mm512_setzero_ps();
     }
     for (index_t v = 0; v < nv; ++v) {
       const __m512 s = _mm512_loadu_ps(S + v * 16), m = _mm512_loadu_ps(M + v * 16);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512 P = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
         mx[i] = _mm512_max_ps(mx[i], _mm512_mul_ps(P, s));
@@ -644,6 +684,7 @@ struct ValueFast {
       }
     }
     const __mmask16 gm = tail_mask(per_row);
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       for (index_t sh = per_row; sh < 16; sh *= 2) {  // lanes of one group are per_row apart
         mx[i] = _mm512_max_ps(mx[i], rotate_lanes(mx[i], sh));
@@ -656,11 +697,13 @@ struct ValueFast {
       inv[i] = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(mx[i], _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(32767.0f), mx[i]);
     }
     std::int32_t* out[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) out[i] = wq.data() + (i0 + i) * (N / 2) * per_row;
     const __m512i w2 = vwords2;
     index_t v = 0;
     for (; v + 2 <= nv; v += 2) {  // two vectors: one saturating pack, one word permutation
       const __m512 s0 = _mm512_loadu_ps(S + v * 16), s1 = _mm512_loadu_ps(S + v * 16 + 16);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512 P0 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
         const __m512 P1 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + (v + 1) * tz));
@@ -671,6 +714,7 @@ struct ValueFast {
     }
     if (v < nv) {
       const __m512 s0 = _mm512_loadu_ps(S + v * 16);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512 P0 = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps(tm, pq[i] + v * tz));
         const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(P0, s0), inv[i]));
@@ -704,7 +748,9 @@ struct ValueFast {
     const index_t g0 = slab_g0[u];
     const __m512i lg = _mm512_loadu_si512(lane_grp.data() + u * 16);
     __m512i a[NQ][per];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) a[i][k] = _mm512_setzero_si512();
     const std::int32_t* wt = wq.data() + static_cast<std::size_t>(qi) * qstride + g0;
     for (index_t b0 = 0; b0 < n; b0 += B, codes += bstride) {
@@ -715,16 +761,20 @@ struct ValueFast {
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0))),
             _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row))), 16));
         __m512i c[per];
+        QPKV_UNROLL
         for (int k = 0; k < per; ++k) c[k] = VB == 8 ? x : _mm512_and_si512(k == 0 ? x : _mm512_srli_epi32(x, k * VB), mask);
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) {
           const std::int32_t* wi = wt + static_cast<std::size_t>(i) * qstride;
           __m512i w;
           if constexpr (Uni) w = _mm512_set1_epi32(*wi);
           else w = _mm512_permutexvar_epi32(lg, _mm512_loadu_si512(wi));
+          QPKV_UNROLL
           for (int k = 0; k < per; ++k) a[i][k] = dpwssd(a[i][k], c[k], w);
         }
       }
     }
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) {
       const float* st = step.data() + (qi + i) * per_row + g0;
       const float* mt = mterm.data() + (qi + i) * per_row + g0;
@@ -737,6 +787,7 @@ struct ValueFast {
         mv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(mt));
       }
       float* o = acc + (qi + i) * D + u * U;
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         _mm512_storeu_ps(o + 16 * k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i][k]), sv,
                                                      _mm512_add_ps(_mm512_loadu_ps(o + 16 * k), mv)));
@@ -792,6 +843,7 @@ struct KeyFold {
     qhi.resize(static_cast<std::size_t>(g * (D / cpd) * per));
     qlo.resize(qhi.size());
     alignas(64) std::int32_t order[16], pk[16];
+    QPKV_UNROLL
     for (int o = 0; o < 16; ++o) {
       const int w = o / (4 * per), k = (o / 4) % per, j = o % 4;
       order[o] = w * cpd + j * per + k;
@@ -843,9 +895,11 @@ struct KeyFold {
     float* __restrict q_s = qs.data() + i0 * Dn;
     const float* __restrict qq = (fast && per > 1 ? qp.data() : q) + i0 * Dn;
     __m512 b[4], mx[4];
+    QPKV_UNROLL
     for (int i = 0; i < 4; ++i) b[i] = mx[i] = _mm512_setzero_ps();
     for (index_t c = 0; c < Dn; c += 16) {
       const __m512 sv = _mm512_loadu_ps(s_f + c), mv = _mm512_loadu_ps(m_f + c);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512 qv = _mm512_loadu_ps(qq + i * Dn + c);
         const __m512 x = _mm512_mul_ps(qv, sv);
@@ -856,6 +910,7 @@ struct KeyFold {
     }
     alignas(16) float bs[4];
     _mm_store_ps(bs, hsum4(b[0], b[1], b[2], b[3]));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) bias[i0 + i] = bs[i];
     if (!fast) return;
     // integer query: Q = round(qs / step) in [-32639, 32639] = 256 hi + lo, hi = (Q + 128) >> 8
@@ -866,9 +921,11 @@ struct KeyFold {
     alignas(16) float st4[4], inv4[4];
     _mm_store_ps(st4, st);
     _mm_store_ps(inv4, _mm_div_ps(_mm_set1_ps(1.0f), st));
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) step[i0 + i] = st4[i];
     const __m512i k128 = _mm512_set1_epi32(128), k128w = _mm512_set1_epi16(128), vpk = vpack;
     __m512 inv[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) inv[i] = _mm512_set1_ps(inv4[i]);
     const std::size_t qrow = static_cast<std::size_t>(dwords * per) * 4;  // bytes of one query's qhi
     auto* dh = reinterpret_cast<std::uint8_t*>(qhi.data()) + static_cast<std::size_t>(i0) * qrow;
@@ -878,12 +935,16 @@ struct KeyFold {
     index_t c = 0;
     for (; c + 64 <= Dn; c += 64) {
       __m512 sv[4];
+      QPKV_UNROLL
       for (int v = 0; v < 4; ++v) sv[v] = _mm512_loadu_ps(s_f + c + 16 * v);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         // |Q| <= 32639 fits int16: split after the first pack, on half as many vectors
         __m512i Q[4], H[2], Lo[2];
+        QPKV_UNROLL
         for (int v = 0; v < 4; ++v)
           Q[v] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(qq + i * Dn + c + 16 * v), sv[v]), inv[i]));
+        QPKV_UNROLL
         for (int v = 0; v < 2; ++v) {
           const __m512i W = _mm512_packs_epi32(Q[2 * v], Q[2 * v + 1]);
           H[v] = _mm512_srai_epi16(_mm512_add_epi16(W, k128w), 8);
@@ -895,6 +956,7 @@ struct KeyFold {
     }
     for (; c < Dn; c += 16) {
       const __m512 sv = _mm512_loadu_ps(s_f + c);
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) {
         const __m512i Q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(qq + i * Dn + c), sv), inv[i]));
         const __m512i H = _mm512_srai_epi32(_mm512_add_epi32(Q, k128), 8);
@@ -917,29 +979,36 @@ QPKV_TARGET void key_tile_exact(const std::uint8_t* codes, std::size_t row, inde
   const __m512i magic = _mm512_set1_epi32(0x4B000000);  // 2^23 | code is the float 2^23 + code
   const __m512 off = _mm512_set1_ps(8388608.0f + KeyFold<KB>::centre);
   __m512 acc[NQ];
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
   const float* qs = f.qs.data() + qi * D;
   for (index_t w0 = 0; w0 < dwords; w0 += 16) {
     const index_t nw = std::min<index_t>(16, dwords - w0);
     const __mmask16 mk = tail_mask(nw);
     __m512i r[16];
+    QPKV_UNROLL
     for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
     transpose16(r);
     // one pointer per query: with qs[(w0 + w) * cpd + i * D + e] GCC 12 kept an index register per
     // (query, channel) and spilled them (2K-4K tokens, 1 thread: 2-4% slower)
     const float* qr[NQ];
+    QPKV_UNROLL
     for (int i = 0; i < NQ; ++i) qr[i] = qs + i * D + w0 * cpd;
     for (index_t w = 0; w < nw; ++w) {
       pf.step();
       const __m512i col = r[w];
+      QPKV_UNROLL
       for (int e = 0; e < cpd; ++e) {
         const __m512i c = _mm512_ternarylogic_epi32(_mm512_srli_epi32(col, e * KB), mask, magic, 0xEA);
         const __m512 x = _mm512_sub_ps(_mm512_castsi512_ps(c), off);
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qr[i][e]), x, acc[i]);
       }
+      QPKV_UNROLL
       for (int i = 0; i < NQ; ++i) qr[i] += cpd;
     }
   }
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i)
     _mm512_storeu_ps(logits + (qi + i) * lstride, _mm512_add_ps(acc[i], _mm512_set1_ps(f.bias[qi + i])));
 }
@@ -953,18 +1022,22 @@ QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, 
   const index_t dwords = D / cpd;
   const __m512i bmask = _mm512_set1_epi8(static_cast<char>((1 << KB) - 1));
   __m512i hi[NQ], lo[NQ];
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
   for (index_t w0 = 0; w0 < dwords; w0 += 16) {
     const index_t nw = std::min<index_t>(16, dwords - w0);
     const __mmask16 mk = tail_mask(nw);
     __m512i r[16];
+    QPKV_UNROLL
     for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi32(mk, codes + t * row + w0 * 4);
     transpose16(r);
     for (index_t w = 0; w < nw; ++w) {
       pf.step_branchless();
       const __m512i col = r[w];
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k) {
         const __m512i c = KB == 8 ? col : _mm512_and_si512(_mm512_srli_epi32(col, k * KB), bmask);
+        QPKV_UNROLL
         for (int i = 0; i < NQ; ++i) {
           const std::size_t at = static_cast<std::size_t>(((qi + i) * dwords + w0 + w) * per + k);
           hi[i] = dpbusd(hi[i], c, _mm512_set1_epi32(f.qhi[at]));
@@ -973,6 +1046,7 @@ QPKV_TARGET_VNNI void key_tile_fast(const std::uint8_t* codes, std::size_t row, 
       }
     }
   }
+  QPKV_UNROLL
   for (int i = 0; i < NQ; ++i) {
     const __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[i]), _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(lo[i]));
     _mm512_storeu_ps(logits + (qi + i) * lstride,

@@ -33,6 +33,7 @@ inline float dot(const float* QPKV_RESTRICT a, const float* QPKV_RESTRICT b, ind
   float lane[kLanes] = {};
   index_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
+    QPKV_SIMD
     for (index_t j = 0; j < kLanes; ++j) lane[j] += a[c + j] * b[c + j];
   float tail = 0.0f;
   for (; c < n; ++c) tail += a[c] * b[c];
@@ -45,8 +46,10 @@ inline void dot4(const float* QPKV_RESTRICT a, index_t lda, const float* QPKV_RE
   float lane[4][W] = {};
   index_t c = 0;
   for (; c + W <= n; c += W)
+    QPKV_SIMD
     for (index_t j = 0; j < W; ++j) {
       const float x = b[c + j];
+      QPKV_UNROLL
       for (int i = 0; i < 4; ++i) lane[i][j] += a[i * lda + c + j] * x;
     }
   for (int i = 0; i < 4; ++i) {
@@ -68,8 +71,10 @@ inline void gemv4(const float* QPKV_RESTRICT p, index_t pstride, const float* QP
       for (index_t j = 0; j < kSlice; ++j) a[i][j] = acc[i * D + c0 + j];
     for (index_t t = 0; t < n; ++t) {
       const float* vt = v + t * D + c0;
+      QPKV_UNROLL
       for (int i = 0; i < 4; ++i) {
         const float w = p[i * pstride + t];
+        QPKV_SIMD
         for (index_t j = 0; j < kSlice; ++j) a[i][j] += w * vt[j];
       }
     }
@@ -86,6 +91,7 @@ inline float sum(const float* x, index_t n) {
   float lane[kLanes] = {};
   index_t t = 0;
   for (; t + kLanes <= n; t += kLanes)
+    QPKV_SIMD
     for (index_t j = 0; j < kLanes; ++j) lane[j] += x[t + j];
   float tail = 0.0f;
   for (; t < n; ++t) tail += x[t];
@@ -96,6 +102,7 @@ inline float max(const float* x, index_t n) {
   for (index_t j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<float>::infinity();
   index_t t = 0;
   for (; t + kLanes <= n; t += kLanes)
+    QPKV_SIMD
     for (index_t j = 0; j < kLanes; ++j) lane[j] = lane[j] < x[t + j] ? x[t + j] : lane[j];
   float m = -std::numeric_limits<float>::infinity();
   for (index_t j = 0; j < kLanes; ++j) m = m < lane[j] ? lane[j] : m;
@@ -129,7 +136,9 @@ void codes_to_float(const std::uint8_t* QPKV_RESTRICT row, index_t n, float cent
     constexpr int per = 8 / Bits;
     constexpr unsigned mask = (1u << Bits) - 1u;
     const index_t full = n / per;
+    QPKV_SIMD
     for (index_t j = 0; j < full; ++j)
+      QPKV_UNROLL
       for (int k = 0; k < per; ++k)
         out[j * per + k] = static_cast<float>((static_cast<unsigned>(row[j]) >> (k * Bits)) & mask) - centre;
     for (index_t i = full * per; i < n; ++i)
@@ -142,6 +151,7 @@ void codes_to_float(const std::uint8_t* QPKV_RESTRICT row, index_t n, float cent
 
 /// acc[c] += w * x[c].
 inline void axpy(float w, const float* QPKV_RESTRICT x, index_t n, float* QPKV_RESTRICT acc) {
+  QPKV_SIMD
   for (index_t c = 0; c < n; ++c) acc[c] += w * x[c];
 }
 
@@ -207,6 +217,7 @@ void key_logits(const KQ& kq, const std::uint8_t* part, index_t B, index_t D, co
           }
           for (index_t i = 0; i < g; ++i) {
             const float* qi = q + i * D;
+            QPKV_SIMD
             for (index_t c = 0; c < D; ++c) s.qs[i * D + c] = qi[c] * s.sf[c];
             s.tmp[i] = dot(qi, s.mf.data(), D);  // bias
           }
@@ -267,7 +278,9 @@ void accumulate_values(const VQ& vq, const std::uint8_t* part, index_t B, index_
           float* v = s.dec.data() + t * D;
           for (index_t gc = 0; gc < per_row; ++gc) {
             const float st = to_float(sc[t * per_row + gc]), mt = to_float(mn[t * per_row + gc]) + centre * st;
-            for (index_t c = gc * G; c < std::min(D, (gc + 1) * G); ++c) v[c] = st * v[c] + mt;
+            const index_t c1 = std::min(D, (gc + 1) * G);
+            QPKV_SIMD
+            for (index_t c = gc * G; c < c1; ++c) v[c] = st * v[c] + mt;
           }
         }
         rows_times_weights(p, B, s.dec.data(), B, D, g, acc);
@@ -300,6 +313,7 @@ inline void softmax_step(float* logits, index_t n, index_t stride, index_t g, in
     float* x = logits + i * stride;
     const float mnew = std::max(m[i], max(x, n));
     const float alpha = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[i] - mnew);
+    QPKV_SIMD
     for (index_t t = 0; t < n; ++t) x[t] = exp_neg(x[t] - mnew);
     l[i] = l[i] * alpha + sum(x, n);
     if (alpha != 1.0f)
