@@ -931,9 +931,9 @@ QPKV_INLINE_AVX2 void code_columns(const std::uint8_t* codes, std::size_t row, i
 /// scales); for 2-bit codes spans of 8 bits made KIVI-2 7% slower than one shift per code, so
 /// they keep that (span = b). (An array of the span vectors computed before the code loop cost
 /// another 6-10%: the shift is written at its use and the compiler shares it.)
-/// H halves of 8 tokens (rows 8 h ..) share each query broadcast; the code loop carries an unroll
-/// pragma (without it GCC 12 left the loop rolled for H = 2, with a store of an accumulator after
-/// every FMA).
+/// H halves of 8 tokens (rows 8 h ..) share each query broadcast; the code loop needs its
+/// QPKV_UNROLL even at -O3 (without it GCC 12 left the loop rolled for H = 2, with a store of an
+/// accumulator after every FMA).
 template <int KB, int NQ, int H = 1>
 QPKV_TARGET_AVX2 void key_tile(const std::uint8_t* codes, std::size_t row, index_t D, const KeyFold<KB>& f, index_t qi,
                                float* logits, index_t lstride, Prefetch& pf) {
