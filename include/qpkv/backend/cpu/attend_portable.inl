@@ -46,12 +46,10 @@ inline void dot4(const float* QPKV_RESTRICT a, index_t lda, const float* QPKV_RE
   float lane[4][W] = {};
   index_t c = 0;
   for (; c + W <= n; c += W)
-    QPKV_SIMD
-    for (index_t j = 0; j < W; ++j) {
-      const float x = b[c + j];
-      QPKV_UNROLL
-      for (int i = 0; i < 4; ++i) lane[i][j] += a[i * lda + c + j] * x;
-    }
+    QPKV_UNROLL
+    for (int i = 0; i < 4; ++i)
+      QPKV_SIMD
+      for (index_t j = 0; j < W; ++j) lane[i][j] += a[i * lda + c + j] * b[c + j];
   for (int i = 0; i < 4; ++i) {
     float tail = 0.0f;
     for (index_t k = c; k < n; ++k) tail += a[i * lda + k] * b[k];
