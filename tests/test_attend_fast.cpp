@@ -105,6 +105,16 @@ TEST_CASE("QPKV_CPU=avx2 runs the AVX2 kernels where the build has them and the 
 #endif
 }
 
+#if defined(QPKV_EMULATE_AVX512)
+TEST_CASE("the emulated AVX-512 build runs the AVX-512 kernels") {
+  // guards the native binary on AVX2-only machines (tests/CMakeLists.txt) against silently
+  // running the AVX2 or portable kernels instead of the emulated AVX-512 ones
+  const char* cap = std::getenv("QPKV_CPU");
+  const std::string_view want = cap == nullptr || *cap == '\0' ? "avx512-vnni" : cap;
+  CHECK(std::string_view(cpu::simd_name()) == want);
+}
+#endif
+
 TEST_CASE("AttendPrecision::fast runs integer products exactly where the kernels in use have them") {
   // AVX-512 VNNI and AVX2 kernels: fast differs from exact (integer q.k and p.v), still within
   // 5e-4; AVX-512 without VNNI and the portable kernels: fast is exact, bit for bit. Guards the

@@ -733,7 +733,9 @@ QPKV_TARGET void decode_part_avx512(const std::uint8_t* part, index_t tokens, in
         m = _mm512_load_ps(mf + c);
       }
       __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(unpack16<Bits>(row, c, dim - c, vidx, vshr)), s);
-#if defined(__GNUC__)
+#if defined(QPKV_EMULATE_AVX512)
+      __asm__("" : "+m"(x));  // (the tests' emulated vector is an array in memory; simd.hpp)
+#elif defined(__GNUC__)
       __asm__("" : "+v"(x));  // code * scale rounded before + min, as quant::decode (no FMA contraction)
 #endif
       _mm512_mask_storeu_ps(o + c, cpu::tail_mask(dim - c), _mm512_add_ps(x, m));

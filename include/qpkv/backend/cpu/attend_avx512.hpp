@@ -306,9 +306,9 @@ bool kivi_supported(index_t B, index_t D, index_t key_group, index_t value_group
 /// With the intrinsics GCC 12 kept each accumulator of a token loop in one register and copied
 /// it into another and back around every dot product (two vmovdqa per vpdpwssd; 2K tokens,
 /// cache-resident, 1 thread: 0.390 -> 0.368 ms together with the value kernel's single-block loop).
-/// Other compilers get the intrinsics.
+/// Other compilers (and the emulated AVX-512 of the tests, simd.hpp) get the intrinsics.
 QPKV_INLINE_VNNI __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(QPKV_EMULATE_AVX512)
   asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
 #else
@@ -317,7 +317,7 @@ QPKV_INLINE_VNNI __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
 }
 /// a: unsigned bytes, b: signed bytes.
 QPKV_INLINE_VNNI __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(QPKV_EMULATE_AVX512)
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
 #else

@@ -26,7 +26,17 @@
 // Every kernel gives the same results up to float rounding (tests compare them with float64).
 #pragma once
 
-#if !defined(QPKV_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+#if defined(QPKV_EMULATE_AVX512)
+// Test builds only (tests/CMakeLists.txt, qpkv_tests_emulated): the AVX-512 kernels compiled as if
+// the target had AVX-512 + VNNI, against an emulation of the intrinsics on AVX2
+// (tests/avx512_emulation.hpp: SIMDe plus what SIMDe lacks), so that a CPU without AVX-512 runs them.
+#if defined(QPKV_NO_SIMD) || !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__) || defined(__AVX512F__)
+#error "QPKV_EMULATE_AVX512: build for an AVX2 + FMA + F16C target without AVX-512 (-march=haswell or newer)"
+#endif
+#define QPKV_CPU_AVX512 1
+#define QPKV_CPU_AVX512_KERNELS 1
+#define QPKV_CPU_AVX512VNNI 1
+#elif !defined(QPKV_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__) && defined(__F16C__) && defined(__FMA__)
 #define QPKV_CPU_AVX512 1
 #define QPKV_CPU_AVX512_KERNELS 1
@@ -62,6 +72,9 @@
 
 #if defined(QPKV_CPU_AVX512_KERNELS) || defined(QPKV_CPU_AVX2_KERNELS)
 #include <immintrin.h>
+#endif
+#if defined(QPKV_EMULATE_AVX512)
+#include "avx512_emulation.hpp"
 #endif
 
 /// The target attributes of the AVX-512 kernel functions (empty when the build targets AVX-512):
