@@ -133,24 +133,43 @@ inline float reduce(const __m512& a, Op op) {
 
 }  // namespace qpkv_avx512_emulation
 
-// What SIMDe 0.7.4 does not define (each name was a GCC intrinsic that needs the avx512f target).
+// What SIMDe 0.7.4 does not define under GCC (each name was a GCC intrinsic that needs the avx512f
+// target; under Clang SIMDe has a few of them, replaced here too, so both compilers test the same code).
+#undef _mm512_cvtph_ps
 #define _mm512_cvtph_ps(a) qpkv_avx512_emulation::cvtph_ps(a)
+#undef _mm512_cvtps_epi32
 #define _mm512_cvtps_epi32(a) qpkv_avx512_emulation::cvtps_epi32(a)
+#undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps(a) qpkv_avx512_emulation::cvtepi32_ps(a)
+#undef _mm512_cvtepu8_epi32
 #define _mm512_cvtepu8_epi32(a) qpkv_avx512_emulation::cvtepu8_epi32(a)
+#undef _mm512_srai_epi32
 #define _mm512_srai_epi32(a, n) qpkv_avx512_emulation::srai_epi32((a), (n))
+#undef _mm512_cvtepi32_epi16
 #define _mm512_cvtepi32_epi16(a) (qpkv_avx512_emulation::truncate<std::int16_t, 16, __m256i>(a))
+#undef _mm512_cvtepi32_epi8
 #define _mm512_cvtepi32_epi8(a) (qpkv_avx512_emulation::truncate<std::int8_t, 16, __m128i>(a))
+#undef _mm512_permute_ps
 #define _mm512_permute_ps(a, imm) qpkv_avx512_emulation::permute_ps((a), (imm))
+#undef _mm512_shuffle_f32x4
 #define _mm512_shuffle_f32x4(a, b, imm) qpkv_avx512_emulation::shuffle_f32x4((a), (b), (imm))
+#undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps(a) qpkv_avx512_emulation::reduce((a), [](float x, float y) { return x + y; })
+#undef _mm512_reduce_max_ps
 #define _mm512_reduce_max_ps(a) qpkv_avx512_emulation::reduce((a), [](float x, float y) { return x > y ? x : y; })  // vmaxps
+#undef _mm512_reduce_min_ps
 #define _mm512_reduce_min_ps(a) qpkv_avx512_emulation::reduce((a), [](float x, float y) { return x < y ? x : y; })  // vminps
+#undef _mm512_mask_loadu_ps
 #define _mm512_mask_loadu_ps(src, k, p) (qpkv_avx512_emulation::mask_load<__m512, float, 16>((src), (k), (p)))
+#undef _mm512_maskz_loadu_ps
 #define _mm512_maskz_loadu_ps(k, p) (qpkv_avx512_emulation::mask_load<__m512, float, 16>(_mm512_setzero_ps(), (k), (p)))
+#undef _mm512_maskz_loadu_epi32
 #define _mm512_maskz_loadu_epi32(k, p) \
   (qpkv_avx512_emulation::mask_load<__m512i, std::int32_t, 16>(_mm512_setzero_si512(), (k), (p)))
+#undef _mm256_maskz_loadu_epi16
 #define _mm256_maskz_loadu_epi16(k, p) \
   (qpkv_avx512_emulation::mask_load<__m256i, std::int16_t, 16>(_mm256_setzero_si256(), (k), (p)))
+#undef _mm_maskz_loadu_epi8
 #define _mm_maskz_loadu_epi8(k, p) (qpkv_avx512_emulation::mask_load<__m128i, std::int8_t, 16>(_mm_setzero_si128(), (k), (p)))
+#undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps(p, k, a) qpkv_avx512_emulation::mask_storeu_ps((p), (k), (a))
