@@ -10,7 +10,7 @@ cd "$QPKV_ROOT"  # the scripts work from any directory
 
 # Everything the build, tests, examples and benchmarks need. g++ brings libgomp (OpenMP).
 QPKV_PACKAGES=(cmake ninja-build g++ libeigen3-dev doctest-dev libbenchmark-dev
-               libcli11-dev nlohmann-json3-dev libfmt-dev libxxhash-dev gnuplot-nox libsimde-dev)
+               libcli11-dev nlohmann-json3-dev libfmt-dev libxxhash-dev gnuplot-nox)
 
 qpkv_log() { printf '[qpkv] %s\n' "$*" >&2; }
 qpkv_die() { qpkv_log "error: $*"; exit 1; }
