@@ -1,7 +1,8 @@
 // tests/avx512_emulation.hpp - the AVX-512 intrinsics of qpkv's kernels on a CPU with AVX2 but
-// without AVX-512, for the test binary qpkv_tests_emulated (tests/CMakeLists.txt), which defines
-// QPKV_EMULATE_AVX512 so that backend/cpu/simd.hpp compiles the AVX-512 kernels (attention,
-// quantizer group ranges, dequantization) as for an AVX-512 + VNNI target and includes this file.
+// without AVX-512, for the test binary qpkv_tests_native on such a machine (tests/CMakeLists.txt),
+// which defines QPKV_EMULATE_AVX512 so that backend/cpu/simd.hpp compiles the AVX-512 kernels
+// (attention, quantizer group ranges, dequantization) as for an AVX-512 + VNNI target and
+// includes this file.
 //
 // SIMDe (Debian's libsimde-dev) provides the intrinsics under their Intel names (its "native
 // aliases"): each 512-bit vector is a pair of 256-bit ones, computed with the CPU's AVX2. What
@@ -96,13 +97,13 @@ inline __m512i cvtepu8_epi32(const __m128i& a) {
 inline __m512i srai_epi32(const __m512i& a, int n) {
   __m256i lo, hi;
   halves(a, lo, hi);
-  const __m128i c = _mm_cvtsi32_si128(n > 31 ? 31 : n);
+  const __m128i c = _mm_cvtsi32_si128(n);  // counts above 31 fill with the sign, as vpsrad does
   return join<__m512i>(_mm256_sra_epi32(lo, c), _mm256_sra_epi32(hi, c));
 }
-template <class T, int N, class R, class V>
-inline R truncate(const V& a) {  // vpmovd*: the low bits of each element
+template <class T, class R, class V>
+inline R truncate(const V& a) {  // vpmovd*: the low bits of each of the 16 elements
   const Lanes<std::int32_t, 16> x = lanes<std::int32_t, 16>(a);
-  Lanes<T, N> r{};
+  Lanes<T, 16> r;
   for (int i = 0; i < 16; ++i) r.v[i] = static_cast<T>(x.v[i]);
   return vec<R>(r);
 }
@@ -146,9 +147,9 @@ inline float reduce(const __m512& a, Op op) {
 #undef _mm512_srai_epi32
 #define _mm512_srai_epi32(a, n) qpkv_avx512_emulation::srai_epi32((a), (n))
 #undef _mm512_cvtepi32_epi16
-#define _mm512_cvtepi32_epi16(a) (qpkv_avx512_emulation::truncate<std::int16_t, 16, __m256i>(a))
+#define _mm512_cvtepi32_epi16(a) (qpkv_avx512_emulation::truncate<std::int16_t, __m256i>(a))
 #undef _mm512_cvtepi32_epi8
-#define _mm512_cvtepi32_epi8(a) (qpkv_avx512_emulation::truncate<std::int8_t, 16, __m128i>(a))
+#define _mm512_cvtepi32_epi8(a) (qpkv_avx512_emulation::truncate<std::int8_t, __m128i>(a))
 #undef _mm512_permute_ps
 #define _mm512_permute_ps(a, imm) qpkv_avx512_emulation::permute_ps((a), (imm))
 #undef _mm512_shuffle_f32x4

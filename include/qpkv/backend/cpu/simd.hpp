@@ -27,7 +27,7 @@
 #pragma once
 
 #if defined(QPKV_EMULATE_AVX512)
-// Test builds only (tests/CMakeLists.txt, qpkv_tests_emulated): the AVX-512 kernels compiled as if
+// Test builds only (tests/CMakeLists.txt: qpkv_tests_native on an AVX2-only machine): the AVX-512 kernels compiled as if
 // the target had AVX-512 + VNNI, against an emulation of the intrinsics on AVX2
 // (tests/avx512_emulation.hpp: SIMDe plus what SIMDe lacks), so that a CPU without AVX-512 runs them.
 #if defined(QPKV_NO_SIMD) || !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__) || defined(__AVX512F__)
